@@ -1,0 +1,91 @@
+"""Frozen configuration records shared by the exporter (writes them) and the runtime (reads them)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BundleError
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """A LLaMA-style decoder, as the graphs need it. Family-specific switches are plain fields."""
+
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool = False  # Qwen2: q/k/v projections carry a bias
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "model") -> "DecoderConfig":
+        return _from_dict(cls, d, where)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What the user chose at export time (recorded in the manifest)."""
+
+    chunk_length: int = 128
+    max_context: int = 2048
+    threads: int = 0  # 0 = onnxruntime's default
+
+    def __post_init__(self) -> None:
+        if self.chunk_length < 1:
+            raise ValueError(f"chunk length must be >= 1, got {self.chunk_length}")
+        if self.max_context < self.chunk_length:
+            raise ValueError(f"max context {self.max_context} is shorter than the chunk length {self.chunk_length}")
+
+
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
+def _from_dict(cls, d: dict[str, Any], where: str):
+    """Build a frozen dataclass from JSON, checking every field's presence and type."""
+    if not isinstance(d, dict):
+        raise BundleError(f"{where}: expected an object, got {type(d).__name__}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                continue
+            raise BundleError(f"{where}.{f.name}: missing")
+        v = d[f.name]
+        t = str(f.type)
+        if t.startswith("tuple"):
+            if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                raise BundleError(f"{where}.{f.name}: expected a list of integers, got {v!r}")
+            v = tuple(v)
+        else:
+            base = t.split("|")[0].strip()
+            ok = v is None if "None" in t and v is None else (
+                isinstance(v, _TYPES[base]) and not (base != "bool" and isinstance(v, bool)))
+            if not ok:
+                raise BundleError(f"{where}.{f.name}: expected {t}, got {type(v).__name__} {v!r}")
+            if base == "float":
+                v = float(v)
+        kwargs[f.name] = v
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise BundleError(f"{where}: {e}") from None

@@ -1,0 +1,45 @@
+"""Progress lines for long work (export, calibration, evaluation), on stderr so stdout stays clean."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator, TextIO
+
+
+class Progress:
+    def __init__(self, total_steps: int = 0, stream: TextIO | None = sys.stderr, enabled: bool = True):
+        self.total, self.step, self.stream, self.enabled = total_steps, 0, stream, enabled
+        self.t0 = time.perf_counter()
+
+    def _write(self, text: str, end: str = "\n") -> None:
+        if self.enabled and self.stream is not None:
+            self.stream.write(text + end)
+            self.stream.flush()
+
+    @contextmanager
+    def stage(self, title: str) -> Iterator[None]:
+        self.step += 1
+        prefix = f"[{self.step}/{self.total}] " if self.total else ""
+        self._write(f"{prefix}{title} ...", end="")
+        t = time.perf_counter()
+        yield
+        self._write(f" {time.perf_counter() - t:.1f}s")
+
+    def note(self, text: str) -> None:
+        self._write(f"      {text}")
+
+    def bar(self, done: int, total: int, label: str = "") -> None:
+        """A one-line counter redrawn in place (use for loops over chunks/batches)."""
+        if not (self.enabled and self.stream is not None):
+            return
+        width = 30
+        fill = int(width * done / max(total, 1))
+        self.stream.write(f"\r      {label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0

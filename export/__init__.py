@@ -1,0 +1,1 @@
+"""The exporter: model sources -> calibrated, quantized ONNX graphs -> bundle. Heavy deps live here."""

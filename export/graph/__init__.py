@@ -1,0 +1,1 @@
+"""ONNX graph construction from weight arrays (no tracing)."""

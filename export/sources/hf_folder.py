@@ -1,0 +1,107 @@
+"""A local Hugging Face folder: config.json + model.safetensors (or a sharded index) + tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.errors import ModelSourceError
+
+from . import SourceModel
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelSourceError(f"{path}: unreadable JSON ({e})") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        files = [folder / s for s in shards]
+    else:
+        files = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else sorted(
+            folder.glob("*.safetensors"))
+    if not files:
+        raise ModelSourceError(f"{folder}: no model.safetensors (or sharded index) found")
+    for f in files:
+        if not f.is_file():
+            raise ModelSourceError(f"{folder}: shard {f.name} listed in the index is missing")
+    return files
+
+
+def load_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    out: dict[str, np.ndarray] = {}
+    for f in files:
+        try:
+            tensors = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelSourceError(f"{f}: not a readable safetensors file ({e})") from None
+        out.update(tensors)
+    return out
+
+
+def _chat_template(folder: Path, tok_cfg: dict[str, Any]) -> str | None:
+    for name in ("chat_template.jinja",):
+        if (folder / name).is_file():
+            return (folder / name).read_text(encoding="utf-8")
+    if (folder / "chat_template.json").is_file():
+        return _read_json(folder / "chat_template.json").get("chat_template")
+    tpl = tok_cfg.get("chat_template")
+    if isinstance(tpl, list):  # named templates: take the default one
+        tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+    return tpl
+
+
+def _special_tokens(cfg: dict[str, Any], tok_cfg: dict[str, Any], vocab: dict[str, int]) -> dict[str, Any]:
+    def tok_id(entry):
+        text = entry.get("content") if isinstance(entry, dict) else entry
+        return vocab.get(text) if text else None
+
+    eos = cfg.get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    tid = tok_id(tok_cfg.get("eos_token"))
+    if tid is not None and tid not in eos_ids:
+        eos_ids.append(tid)
+    bos = cfg.get("bos_token_id")
+    return {"bos_token_id": bos, "eos_token_ids": eos_ids}
+
+
+def load_hf_folder(folder: Path) -> SourceModel:
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelSourceError(f"{folder}: no config.json; expected a Hugging Face model folder")
+    cfg = _read_json(cfg_path)
+    if not cfg.get("architectures"):
+        raise ModelSourceError(f"{cfg_path}: no 'architectures' entry; cannot tell the model family")
+    tok_path = folder / "tokenizer.json"
+    if not tok_path.is_file():
+        raise ModelSourceError(f"{folder}: no tokenizer.json (a fast tokenizer is required)")
+    tokenizer_json = tok_path.read_text(encoding="utf-8")
+    tok_cfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    vocab = {t["content"]: t["id"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
+    files = weight_files(folder)
+    h = hashlib.sha256(cfg_path.read_bytes())
+    for f in files:
+        h.update(f.name.encode() + str(f.stat().st_size).encode())
+    identity = {"kind": "hf-folder", "name": cfg.get("_name_or_path") or folder.name, "path": str(folder.resolve()),
+                "sha256": h.hexdigest(), "hash_of": "config.json + weight file names and sizes"}
+    return SourceModel(
+        hf_config=cfg,
+        weights=load_safetensors(files),
+        tokenizer_json=tokenizer_json,
+        chat_template=_chat_template(folder, tok_cfg),
+        identity=identity,
+        special_tokens=_special_tokens(cfg, tok_cfg, vocab),
+    )

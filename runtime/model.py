@@ -1,0 +1,147 @@
+"""The Python API: ``Model.load(bundle).generate(prompt)`` / ``.stream(prompt)``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from edge.errors import BundleError, PromptError
+
+from .bundle import Bundle, check_session_io, open_bundle
+from .kv_cache import KVCache
+from .sampling import Sampler, SamplingParams
+from .tokenizer import Tokenizer
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+class Model:
+    def __init__(self, bundle: Bundle, threads: int = 0):
+        self.bundle = bundle
+        m = bundle.manifest
+        self.config, self.chunk_length, self.max_context = m.model, m.chunk_length, m.max_context
+        self.tokenizer = Tokenizer(bundle.file(m.tokenizer["file"]), m.tokenizer.get("chat_template"))
+        so = session_options(threads)
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        for role in ("embed", "prefill", "decode"):
+            spec = m.graphs[role]
+            path = bundle.file(spec.file)
+            try:
+                sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own types; name the file
+                raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from None
+            check_session_io(sess, spec, str(path))
+            self.sessions[role] = sess
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, threads: int = 0, verify_hashes: bool = True) -> "Model":
+        """Open and verify a bundle (checksums unless ``verify_hashes=False``) and create sessions."""
+        return cls(open_bundle(Path(path), verify_hashes=verify_hashes), threads=threads)
+
+    # ---------------------------------------------------------------- building blocks
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config, self.max_context)
+
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int64)[None, :]
+        if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
+            raise PromptError(f"token ids must be in [0, {self.config.vocab_size}), got {arr.min()}..{arr.max()}")
+        return self.sessions["embed"].run(None, {"input_ids": arr})[0]
+
+    def prefill(self, embeds: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run the prompt's embeddings [1, n, H] through fixed-size chunks from ``cache.length``.
+
+        The last chunk is zero-padded; padding sits after every real token, so the causal mask
+        already hides it from them, and only real rows are written to the cache.
+        Returns logits [n, V] (all_logits) or [V] for the last token.
+        """
+        n = embeds.shape[1]
+        start = cache.length
+        if start + n > self.max_context:
+            raise PromptError(f"{start + n} tokens do not fit in the context of {self.max_context}")
+        C = self.chunk_length
+        sess = self.sessions["prefill"]
+        outs_all = []
+        for off in range(0, n, C):
+            count = min(C, n - off)
+            chunk = np.zeros((1, C, embeds.shape[2]), np.float32)
+            chunk[0, :count] = embeds[0, off:off + count]
+            pos = start + off
+            feeds = {"inputs_embeds": chunk, "start": np.array([pos], np.int64), **cache.feeds()}
+            names = [o.name for o in sess.get_outputs()]
+            result = dict(zip(names, sess.run(names, feeds)))
+            cache.write(pos, count, result)
+            logits = result["logits"][0, :count]
+            outs_all.append(logits if all_logits else logits[-1:])
+        return np.concatenate(outs_all, 0) if all_logits else outs_all[-1][0]
+
+    def decode_step(self, token: int, cache: KVCache) -> np.ndarray:
+        pos = cache.length
+        if pos >= self.max_context:
+            raise PromptError(f"context of {self.max_context} tokens is full")
+        sess = self.sessions["decode"]
+        feeds = {"input_ids": np.array([[token]], np.int64), "start": np.array([pos], np.int64), **cache.feeds(pos)}
+        names = [o.name for o in sess.get_outputs()]
+        result = dict(zip(names, sess.run(names, feeds)))
+        cache.write(pos, 1, result)
+        return result["logits"][0, 0]
+
+    # ---------------------------------------------------------------- text in, text out
+    def encode_prompt(self, prompt: str, raw: bool = False) -> list[int]:
+        if not isinstance(prompt, str):
+            raise PromptError(f"prompt must be a str, got {type(prompt).__name__}")
+        text = prompt if raw else self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise PromptError("prompt is empty (no tokens)")
+        if len(ids) >= self.max_context:
+            raise PromptError(
+                f"prompt has {len(ids)} tokens but the bundle's context holds {self.max_context} "
+                f"(at most {self.max_context - 1} prompt tokens); shorten the prompt or export with a larger --context")
+        return ids
+
+    def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 256,
+                     sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None,
+                     cache: KVCache | None = None) -> Iterator[int]:
+        """Yield generated token ids (stop token excluded). Stops at a stop id, the token budget
+        or a full context."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise PromptError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        stop = set(self.config.eos_token_ids if stop_ids is None else stop_ids)
+        cache = cache or self.new_cache()
+        sample = Sampler(sampling)
+        logits = self.prefill(self.embed(prompt_ids), cache)
+        for i in range(max_new_tokens):
+            token = sample(logits)
+            if token in stop:
+                return
+            yield token
+            if i + 1 == max_new_tokens or cache.length >= self.max_context:
+                return
+            logits = self.decode_step(token, cache)
+
+    def stream(self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | None = None, raw: bool = False) -> Iterator[str]:
+        """Yield text pieces as tokens are generated."""
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        ids = self.encode_prompt(prompt, raw=raw)
+        decoder = self.tokenizer.stream_decoder()
+        for token in self.generate_ids(ids, max_new_tokens, params):
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+
+    def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, raw: bool = False) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, raw))
