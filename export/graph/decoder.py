@@ -12,7 +12,7 @@ first P rows of its cache to onnxruntime without copying.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Protocol
 
 import numpy as np
 from onnx import TensorProto
@@ -35,19 +35,32 @@ def rope_tables(cfg: DecoderConfig, max_positions: int) -> tuple[np.ndarray, np.
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
+class LinearEmitter(Protocol):
+    """Emits y = x @ W^T (+ b) for x [tokens, in] and HF weight W [out, in]; returns y's name.
+    The quantizer swaps this per graph (W8A8 QDQ + outlier side path, int4 MatMulNBits, ...)."""
+
+    def __call__(self, g: GraphBuilder, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str: ...
+
+
+def float_linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
+    inputs = [x, g.weight(name + ".weight", weight)]
+    if bias is not None:
+        inputs.append(g.weight(name + ".bias", bias))
+    return g.op("Gemm", inputs, name=name, transB=1)
+
+
 class DecoderGraph:
     """Emits one decoder graph (prefill chunk or decode step) into a GraphBuilder."""
 
     def __init__(self, cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store: WeightStore,
-                 max_context: int):
+                 max_context: int, linear: "LinearEmitter | None" = None):
         self.cfg, self.w, self.store, self.max_context = cfg, weights, store, max_context
+        self.emit_linear = linear or float_linear
 
     # ---------------------------------------------------------------- pieces
     def linear(self, g: GraphBuilder, x: str, name: str, bias: bool = False) -> str:
-        inputs = [x, g.weight(name + ".weight", self.w[name + ".weight"])]
-        if bias:
-            inputs.append(g.weight(name + ".bias", self.w[name + ".bias"]))
-        return g.op("Gemm", inputs, name=name, transB=1)
+        b = self.w[name + ".bias"] if bias else None
+        return self.emit_linear(g, x, name, self.w[name + ".weight"], b)
 
     def rms_norm(self, g: GraphBuilder, x: str, name: str) -> str:
         sq = g.op("Mul", [x, x], name=f"{name}/square")

@@ -1,0 +1,56 @@
+"""edge-eval BUNDLE --perplexity: accuracy of a bundle on real text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edge.errors import EdgeError
+from edge.progress import Progress
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-eval", description="Measure a bundle's accuracy.")
+    p.add_argument("bundle")
+    p.add_argument("--perplexity", action="store_true", required=True, help="perplexity over a text")
+    p.add_argument("--text", type=Path, default=None,
+                   help="UTF-8 text file (default: Python's pydoc_data.topics text)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens to predict")
+    p.add_argument("--window", type=int, default=1024, help="window (fresh context) length in tokens")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as JSON (key 'perplexity')")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .model import Model
+    from .perplexity import bundle_perplexity, default_text
+
+    progress = Progress(enabled=not args.json)
+    try:
+        if args.text is None:
+            text = default_text()
+        else:
+            try:
+                text = args.text.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise EdgeError(f"{args.text}: cannot read as UTF-8 text ({e})") from None
+        model = Model.load(args.bundle, threads=args.threads)
+        result = bundle_perplexity(model, text, tokens=args.tokens, window=args.window,
+                                   progress=lambda d, t: progress.bar(d, t, "windows"))
+    except EdgeError as e:
+        print(f"edge-eval: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"bundle": str(args.bundle), **result.to_dict()}))
+    else:
+        print(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens "
+              f"({result.windows} windows of {result.window})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Perplexity of a bundle over real text: the accuracy number every quantization is judged by."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from edge.errors import PromptError
+
+
+def default_text() -> str:
+    """Python's own documentation topics (~465k chars), present in every CPython: real English prose
+    and code. Topics in sorted key order, so the text is the same on every machine."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll: float  # mean negative log-likelihood (nats / token)
+    tokens: int  # predicted tokens
+    windows: int
+    window: int
+
+    def to_dict(self) -> dict:
+        return {"perplexity": self.perplexity, "nll": self.nll, "tokens": self.tokens,
+                "windows": self.windows, "window": self.window}
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def windows_of(ids: Sequence[int], window: int, tokens: int) -> list[list[int]]:
+    """Consecutive non-overlapping windows that together predict ``tokens`` next tokens
+    (a window of w ids predicts w - 1). Fewer if the text runs out."""
+    if window < 2:
+        raise PromptError(f"perplexity window must be >= 2 tokens, got {window}")
+    ids, out, i, remaining = list(ids), [], 0, tokens
+    while remaining > 0 and i + 1 < len(ids):
+        w = ids[i:i + min(window, remaining + 1)]
+        out.append(w)
+        remaining -= len(w) - 1
+        i += len(w)
+    return out
+
+
+def perplexity(logits_fn: Callable[[list[int]], np.ndarray], ids: Sequence[int], window: int, tokens: int,
+               progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
+    """``logits_fn(window_ids) -> [len, V]`` logits of a fresh context; NLL of each next token."""
+    wins = windows_of(ids, window, tokens)
+    if not wins:
+        raise PromptError("text too short for a perplexity measurement")
+    total, count = 0.0, 0
+    for i, w in enumerate(wins):
+        lp = log_softmax(logits_fn(w)[:-1])
+        total -= float(lp[np.arange(len(w) - 1), w[1:]].sum())
+        count += len(w) - 1
+        if progress:
+            progress(i + 1, len(wins))
+    nll = total / count
+    return PerplexityResult(math.exp(nll), nll, count, len(wins), window)
+
+
+def bundle_perplexity(model, text: str, tokens: int = 4096, window: int | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
+    """Perplexity of a loaded runtime Model: each window is one fresh prefill (chunked as exported)."""
+    window = min(window or 1024, model.max_context)
+    ids = model.tokenizer.encode(text)
+
+    def logits_fn(w: list[int]) -> np.ndarray:
+        return model.prefill(model.embed(w), model.new_cache(), all_logits=True)
+
+    return perplexity(logits_fn, ids, window, tokens, progress)
