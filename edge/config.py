@@ -29,6 +29,13 @@ class DecoderConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            if not 0 < getattr(self, name) < float("inf"):  # also refuses NaN (json accepts NaN/Infinity)
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
@@ -49,8 +56,12 @@ class ExportOptions:
     chunk_length: int = 128
     max_context: int = 2048
     threads: int = 0  # 0 = onnxruntime's default
+    plans: tuple[str, ...] = ("fused", "split")  # prefill plans to emit; fused is always the default
 
     def __post_init__(self) -> None:
+        unknown = set(self.plans) - {"fused", "split"}
+        if unknown or "fused" not in self.plans:
+            raise ValueError(f"plans must include 'fused' and may add 'split', got {','.join(self.plans)}")
         if self.chunk_length < 1:
             raise ValueError(f"chunk length must be >= 1, got {self.chunk_length}")
         if self.max_context < self.chunk_length:

@@ -19,3 +19,11 @@ class BundleError(EdgeError):
 
 class PromptError(EdgeError):
     """A prompt or generation request cannot be served (too long, bad parameters)."""
+
+
+class ImageError(PromptError):
+    """An image cannot be used: unreadable, corrupt, of an unsupported kind or size."""
+
+
+class DeviceError(EdgeError):
+    """A requested execution provider / accelerator is not available on this machine."""

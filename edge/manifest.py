@@ -9,17 +9,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .config import DecoderConfig
 from .errors import BundleError
+from .vision import VisionConfig
+from .plans import Plans, parse_plans
 
 FORMAT = "edge-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # a real manifest is ~50 kB; refuse to parse a runaway file
 _HASH_BLOCK = 1 << 20
+# Formats that can carry pickles (numpy object arrays, torch checkpoints): the bundle format has no
+# place for them and the runtime never unpickles anything, so a manifest listing one is refused.
+PICKLE_SUFFIXES = (".npy", ".npz", ".pkl", ".pickle", ".pt", ".pth", ".joblib", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class GraphSpec:
     dtype: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    external_data: tuple[str, ...] | None = None  # bundle files its tensors read (None: not recorded)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +54,7 @@ class GraphSpec:
             "dtype": self.dtype,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
+            **({} if self.external_data is None else {"external_data": list(self.external_data)}),
         }
 
 
@@ -62,6 +70,8 @@ class Manifest:
     source: dict[str, Any]
     quantization: dict[str, Any]
     format_version: int = FORMAT_VERSION
+    vision: VisionConfig | None = None  # multimodal bundles: image preprocessing + the "vision" graph
+    plans: Plans = field(default_factory=Plans)  # prefill plans: fused (default) and, when exported, split
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,8 +84,10 @@ class Manifest:
             "max_context": self.max_context,
             "quantization": self.quantization,
             "graphs": {k: g.to_dict() for k, g in self.graphs.items()},
+            "plans": self.plans.to_dict(),
             "tokenizer": self.tokenizer,
             "files": self.files,
+            **({"vision": self.vision.to_dict()} if self.vision is not None else {}),
         }
 
     def dumps(self) -> str:
@@ -104,6 +116,8 @@ def safe_relative(name: Any, where: str) -> str:
     p = PurePosixPath(name)
     if p.is_absolute() or "\\" in name or ".." in p.parts or name.startswith("~") or ":" in name:
         raise BundleError(f"{where}: file name {name!r} leaves the bundle folder (absolute or '..')")
+    if not p.parts or any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise BundleError(f"{where}: {name!r:.80} is not a usable file name (empty or control characters)")
     return name
 
 
@@ -131,12 +145,15 @@ def _tensor(d: Any, where: str) -> TensorSpec:
 
 
 def _graph(d: Any, where: str) -> GraphSpec:
+    external = _get(d, "external_data", list, where) if isinstance(d, dict) and "external_data" in d else None
     return GraphSpec(
         file=safe_relative(_get(d, "file", str, where), f"{where}.file"),
         role=_get(d, "role", str, where),
         dtype=_get(d, "dtype", str, where),
         inputs=tuple(_tensor(t, f"{where}.inputs[{i}]") for i, t in enumerate(_get(d, "inputs", list, where))),
         outputs=tuple(_tensor(t, f"{where}.outputs[{i}]") for i, t in enumerate(_get(d, "outputs", list, where))),
+        external_data=None if external is None else tuple(
+            safe_relative(n, f"{where}.external_data[{i}]") for i, n in enumerate(external)),
     )
 
 
@@ -156,7 +173,11 @@ def parse_manifest(data: Any, where: str = MANIFEST_NAME) -> Manifest:
     files = _get(data, "files", dict, where)
     for name, rec in files.items():
         safe_relative(name, f"{where}.files")
-        _get(rec, "size", int, f"{where}.files[{name!r}]")
+        if name.lower().endswith(PICKLE_SUFFIXES):
+            raise BundleError(f"{where}.files: {name!r} is a pickle-capable array file; edge bundles never hold "
+                              f"one and the runtime never unpickles (weights live in ONNX external data)")
+        if _get(rec, "size", int, f"{where}.files[{name!r}]") < 0:
+            raise BundleError(f"{where}.files[{name!r}].size: expected a size >= 0, got {rec['size']}")
         sha = _get(rec, "sha256", str, f"{where}.files[{name!r}]")
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise BundleError(f"{where}.files[{name!r}].sha256: expected 64 hex digits, got {sha!r:.80}")
@@ -164,6 +185,9 @@ def parse_manifest(data: Any, where: str = MANIFEST_NAME) -> Manifest:
     for k, g in graphs.items():
         if g.file not in files:
             raise BundleError(f"{where}.graphs.{k}.file: {g.file!r} is not listed under files")
+        for i, ext in enumerate(g.external_data or ()):
+            if ext not in files:
+                raise BundleError(f"{where}.graphs.{k}.external_data[{i}]: {ext!r} is not listed under files")
     tok = _get(data, "tokenizer", dict, where)
     tok_file = safe_relative(_get(tok, "file", str, f"{where}.tokenizer"), f"{where}.tokenizer.file")
     if tok_file not in files:
@@ -174,8 +198,9 @@ def parse_manifest(data: Any, where: str = MANIFEST_NAME) -> Manifest:
     ctx = _get(data, "max_context", int, where)
     if chunk < 1 or ctx < chunk:
         raise BundleError(f"{where}: chunk_length {chunk} / max_context {ctx} out of range (1 <= chunk <= context)")
+    model = DecoderConfig.from_dict(_get(data, "model", dict, where), f"{where}.model")
     return Manifest(
-        model=DecoderConfig.from_dict(_get(data, "model", dict, where), f"{where}.model"),
+        model=model,
         chunk_length=chunk,
         max_context=ctx,
         graphs=graphs,
@@ -185,7 +210,17 @@ def parse_manifest(data: Any, where: str = MANIFEST_NAME) -> Manifest:
         source=_get(data, "source", dict, where),
         quantization=_get(data, "quantization", dict, where),
         format_version=version,
+        vision=_vision(data, graphs, where),
+        plans=parse_plans(data.get("plans"), f"{where}.plans", model.num_layers, graphs),
     )
+
+
+def _vision(data: dict, graphs: dict[str, GraphSpec], where: str) -> VisionConfig | None:
+    if data.get("vision") is None:
+        return None
+    if "vision" not in graphs:
+        raise BundleError(f"{where}.graphs.vision: missing, but the manifest has a vision section")
+    return VisionConfig.from_dict(data["vision"], f"{where}.vision")
 
 
 def read_manifest(bundle: Path) -> Manifest:
@@ -194,10 +229,12 @@ def read_manifest(bundle: Path) -> Manifest:
         raise BundleError(f"{bundle}: not a bundle folder (does not exist or is not a directory)")
     if not path.is_file():
         raise BundleError(f"{path}: missing; {bundle} is not an edge bundle")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: {path.stat().st_size} bytes, larger than any manifest ({MAX_MANIFEST_BYTES}); refused")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise BundleError(f"{path}: not valid JSON ({str(e)[:200]})") from None
     return parse_manifest(data, str(path))
 
 

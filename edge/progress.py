@@ -24,7 +24,11 @@ class Progress:
         prefix = f"[{self.step}/{self.total}] " if self.total else ""
         self._write(f"{prefix}{title} ...", end="")
         t = time.perf_counter()
-        yield
+        try:
+            yield
+        except BaseException:
+            self._write(" failed")  # end the line, so an error message starts on its own
+            raise
         self._write(f" {time.perf_counter() - t:.1f}s")
 
     def note(self, text: str) -> None:

@@ -31,13 +31,13 @@ def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
             raise FileExistsError(f"{target}: exists and is not an edge bundle; refusing to overwrite it")
     _clean_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = None
     try:
         fill(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
-        old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, old / "bundle")
@@ -47,5 +47,10 @@ def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            if (old / "bundle").exists() and not target.exists():
+                os.rename(old / "bundle", target)  # the new bundle did not move in: put the old one back
+            if not (old / "bundle").exists():
+                shutil.rmtree(old, ignore_errors=True)
         raise
     return target

@@ -9,6 +9,8 @@ from edge.config import ExportOptions
 from edge.errors import EdgeError
 from edge.progress import Progress
 
+from . import quant_cli
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -18,7 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="bundle folder to write (replaced atomically)")
     p.add_argument("--chunk", type=int, default=ExportOptions.chunk_length, help="prefill chunk length (tokens)")
     p.add_argument("--context", type=int, default=ExportOptions.max_context, help="max context (KV cache positions)")
+    p.add_argument("--plans", default="fused,split",
+                   help="prefill plans to emit, comma-separated: fused (always; the default plan) and split "
+                        "(per-layer subgraphs for CPU + accelerator lanes; shares the weights file)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    quant_cli.add_arguments(p)
     return p
 
 
@@ -27,13 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline import export_model
 
     try:
-        options = ExportOptions(chunk_length=args.chunk, max_context=args.context)
-    except ValueError as e:
+        options = ExportOptions(chunk_length=args.chunk, max_context=args.context,
+                                plans=tuple(p.strip() for p in args.plans.split(",") if p.strip()))
+        quant, calib, accuracy = quant_cli.from_args(args)
+    except (ValueError, EdgeError) as e:
         print(f"edge-export: error: {e}", file=sys.stderr)
         return 2
-    progress = Progress(total_steps=3, enabled=not args.quiet)
+    progress = Progress(total_steps=3 + 2 * quant.quantized, enabled=not args.quiet)
     try:
-        manifest = export_model(args.model, args.output, options, progress)
+        manifest = export_model(args.model, args.output, options, progress, quant=quant, calibration=calib,
+                                accuracy=accuracy)
     except (EdgeError, FileExistsError) as e:
         print(f"edge-export: error: {e}", file=sys.stderr)
         return 1
@@ -41,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(r["size"] for r in manifest.files.values())
         print(f"wrote {args.output}: {len(manifest.graphs)} graphs, {size / 1e6:.1f} MB, "
               f"in {progress.elapsed():.1f}s", file=sys.stderr)
+        acc = manifest.quantization.get("accuracy")
+        if acc:
+            dec = acc.get("decode_weights")
+            print(f"held-out perplexity: float {acc['float']:.3f}, quantized prefill {acc['quantized']:.3f} "
+                  f"({acc['change_percent']:+.2f}%)" + (f", decode weights {dec['scheme']} {dec['perplexity']:.3f} "
+                                                       f"({dec['change_percent']:+.2f}%)" if dec else ""),
+                  file=sys.stderr)
     return 0
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
 import edge
 from edge.config import ExportOptions
+from edge.plans import Plans
 from edge.manifest import FORMAT_VERSION, MANIFEST_NAME, GraphSpec, Manifest, TensorSpec, file_record
 
 from edge.progress import Progress
@@ -17,40 +20,74 @@ from edge.progress import Progress
 from .bundle_writer import write_atomically
 from .families import family_for
 from .graph.builder import WeightStore, io_specs
-from .graph.decoder import DecoderGraph, build_embed_graph
+from .graph.split import build_split
+from .graph.vision import build_vision_graph
+from .quant_export import FLOAT, AccuracySpec, CalibrationSpec, decoders, measure, plan_for_export
 from .sources import load_source
 
+if TYPE_CHECKING:
+    from .calibrate import Calibration
+    from .quantize import QuantOptions
+
 TOKENIZER_FILE = "tokenizer.json"
+
+
+def _external_files(model: onnx.ModelProto) -> tuple[str, ...]:
+    """Files the graph's tensors live in (recorded so the runtime can check them before loading)."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return tuple(sorted({e.value for t in _get_all_tensors(model) if uses_external_data(t)
+                         for e in t.external_data if e.key == "location"}))
 
 
 def _graph_spec(model: onnx.ModelProto, file: str, role: str) -> GraphSpec:
     ins, outs = io_specs(model)
     spec = lambda d: TensorSpec(d["name"], d["dtype"], tuple(d["shape"]))  # noqa: E731
-    return GraphSpec(file=file, role=role, dtype="float32", inputs=tuple(map(spec, ins)), outputs=tuple(map(spec, outs)))
+    return GraphSpec(file=file, role=role, dtype="float32", inputs=tuple(map(spec, ins)), outputs=tuple(map(spec, outs)),
+                     external_data=_external_files(model))
 
 
 def export_model(model: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
-                 progress: Progress | None = None) -> Manifest:
-    progress = progress or Progress(total_steps=4)
+                 progress: Progress | None = None, quant: "QuantOptions | None" = None,
+                 calibration: CalibrationSpec = CalibrationSpec(), accuracy: AccuracySpec = AccuracySpec(),
+                 calibrated: "Calibration | None" = None) -> Manifest:
+    """``quant`` None = float bundle. A quantized export calibrates (unless ``calibrated`` is given),
+    plans, and (``accuracy.enabled``) records held-out perplexities in the manifest."""
+    quant = quant or FLOAT
+    progress = progress or Progress(total_steps=4 + 2 * quant.quantized)
     with progress.stage(f"loading {model}"):
         source = load_source(model)
         family = family_for(source.architecture)
         cfg = family.config(source.hf_config, source.special_tokens)
         weights = family.sanitize(source.weights, cfg)
+        vision = family.vision(source, cfg) if family.vision else None  # multimodal: image side
     progress.note(f"{family.name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
                   f"{sum(w.size for w in weights.values()) / 1e6:.1f}M parameters")
     if options.max_context > source.hf_config.get("max_position_embeddings", options.max_context):
         progress.note(f"warning: context {options.max_context} exceeds the model's trained "
                       f"{source.hf_config['max_position_embeddings']} positions")
 
+    plan, calib_record = None, None
+    if quant.quantized:
+        plan, cal = plan_for_export(cfg, weights, source.tokenizer_json, options, quant, calibration, progress,
+                                    calibrated)
+        calib_record = {"text": calibration.label, "tokens": cal.tokens, "window": calibration.window}
+
     with progress.stage(f"building graphs (chunk {options.chunk_length}, context {options.max_context})"):
         store = WeightStore()
-        dec = DecoderGraph(cfg, weights, store, options.max_context)
+        parts = decoders(cfg, weights, store, options.max_context, quant, plan)
+        dec = parts.prefill
         graphs = {
-            "embed": (build_embed_graph(cfg, weights, store), "embed.onnx", "embed"),
+            "embed": (parts.embed(), "embed.onnx", "embed"),
             "prefill": (dec.build("prefill", options.chunk_length, options.max_context), "prefill.onnx", "prefill"),
-            "decode": (dec.build("decode", 1, "past_len"), "decode.onnx", "decode"),
+            "decode": (parts.decode.build("decode", 1, "past_len"), "decode.onnx", "decode"),
         }
+        split_plan = None
+        if "split" in options.plans:  # per-layer subgraphs for a CPU + accelerator prefill (same weights)
+            split_graphs, split_plan = build_split(dec, options.chunk_length)
+            graphs.update({k: (proto, f"{k}.onnx", "split") for k, proto in split_graphs.items()})
+        if vision is not None:  # image tiles -> image-token embeddings, merged into the prompt by the runtime
+            graphs["vision"] = (build_vision_graph(vision, weights, store), "vision.onnx", "vision")
 
     def fill(tmp: Path) -> None:
         store.write(tmp)
@@ -68,10 +105,21 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
             exporter={"name": "edge", "version": edge.__version__, "onnx": onnx.__version__,
                       "python": platform.python_version()},
             source=source.identity,
-            quantization={"prefill": "fp32", "decode": "fp32"},
+            quantization={**parts.record, **({"calibration": calib_record} if calib_record else {})},
             format_version=FORMAT_VERSION,
+            plans=Plans(default="fused", split=split_plan),
+            vision=vision,
         )
         (tmp / MANIFEST_NAME).write_text(manifest.dumps(), encoding="utf-8")
+        if accuracy.enabled and (quant.quantized or quant.decode != "fp32"):
+            # measured on the bundle as written, before it replaces the target
+            from runtime.model import Model
+
+            progress.note("measuring held-out perplexity (quantized bundle vs float)")
+            rec = measure(cfg, weights, Model.load(tmp, verify_hashes=False), quant, plan, options.chunk_length,
+                          accuracy, progress)
+            manifest = dataclasses.replace(manifest, quantization={**manifest.quantization, "accuracy": rec})
+            (tmp / MANIFEST_NAME).write_text(manifest.dumps(), encoding="utf-8")
         fill.manifest = manifest  # type: ignore[attr-defined]
 
     with progress.stage(f"writing bundle {out} ({store.nbytes / 1e6:.0f} MB of weights)"):

@@ -4,12 +4,14 @@ inputs/outputs checked against the manifest, all before anything runs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import onnxruntime as ort
 
 from edge.errors import BundleError
-from edge.manifest import GraphSpec, Manifest, read_manifest, verify_files
+from edge.manifest import GraphSpec, Manifest, read_manifest, safe_relative, verify_files
+
+from .onnx_refs import external_data_refs
 
 REQUIRED_GRAPHS = ("embed", "prefill", "decode")
 
@@ -30,7 +32,24 @@ def open_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         if role not in manifest.graphs:
             raise BundleError(f"{path}/manifest.json: graphs.{role} missing (has {sorted(manifest.graphs)})")
     verify_files(path, manifest, check_hashes=verify_hashes)
+    for key, spec in manifest.graphs.items():
+        check_external_data(path, key, spec, manifest)
     return Bundle(path.resolve(), manifest)
+
+
+def check_external_data(bundle: Path, key: str, spec: GraphSpec, manifest: Manifest) -> None:
+    """Every external-data file the ONNX graph names must be a listed (hence size/hash-checked) bundle
+    file, and one the manifest records for this graph. onnxruntime >= 1.2x refuses paths that leave
+    the model folder too; this check does not depend on its version and names the field at fault."""
+    graph = bundle / spec.file
+    recorded = None if spec.external_data is None else set(spec.external_data)
+    for tensor, location in external_data_refs(graph):
+        where = f"{graph}: tensor {tensor!r} external_data location"
+        name = PurePosixPath(safe_relative(location, where)).as_posix()
+        if name not in manifest.files:
+            raise BundleError(f"{where} {location!r} is not a file listed in the manifest (files)")
+        if recorded is not None and name not in recorded:
+            raise BundleError(f"{where} {location!r} is not in manifest graphs.{key}.external_data {sorted(recorded)}")
 
 
 def check_session_io(session: ort.InferenceSession, spec: GraphSpec, where: str) -> None:

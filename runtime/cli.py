@@ -11,36 +11,65 @@ from edge.errors import EdgeError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-run", description="Generate text with an edge bundle.")
-    p.add_argument("bundle", help="bundle folder written by edge-export")
-    p.add_argument("--prompt", required=True, help="prompt text (wrapped in the chat template unless --raw)")
+    p.add_argument("bundle", nargs="?", help="bundle folder written by edge-export")
+    p.add_argument("--prompt", help="prompt text (wrapped in the chat template unless --raw)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image for a vision bundle (repeatable); <image> in the prompt marks where each goes, "
+                        "else the images come first")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = default)")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks at load (sizes still checked)")
     p.add_argument("--stats", action="store_true", help="print timing to stderr at the end")
+    g = p.add_argument_group("prefill plan and devices")
+    g.add_argument("--devices", action="store_true", help="list the accelerators onnxruntime offers here, and exit")
+    g.add_argument("--plan", choices=("fused", "split"), default=None,
+                   help="fused: one graph per chunk (the default); split: per-layer subgraphs on a CPU lane and an "
+                        "accelerator lane, scheduled out of order")
+    g.add_argument("--accelerator", default="auto", metavar="NAME|none|auto",
+                   help="accelerator lane of the split plan (see --devices); auto: the best real one, else a second "
+                        "CPU lane; none: CPU lane only; a missing NAME is an error")
+    g.add_argument("--lane-threads", type=int, default=1, help="onnxruntime threads of each CPU-backed lane")
+    g.add_argument("--trace", metavar="FILE", help="write the prompt prefill's task trace (Chrome trace JSON; "
+                   "implies --plan split)")
+    g.add_argument("--gantt", metavar="PNG", help="write a Gantt chart of the prompt prefill (needs matplotlib; "
+                   "implies --plan split)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.devices:
+        from .lanes import describe_devices
+
+        print(describe_devices())
+        return 0
+    if not args.bundle or args.prompt is None:
+        parser.error("BUNDLE and --prompt are required (or --devices)")
+    if (args.trace or args.gantt) and args.plan is None:
+        args.plan = "split"
+    if (args.trace or args.gantt) and args.plan != "split":
+        parser.error("--trace/--gantt record the split plan's tasks: use --plan split")
     from .model import Model
     from .sampling import SamplingParams
 
     try:
         t0 = time.perf_counter()
-        model = Model.load(args.bundle, threads=args.threads, verify_hashes=not args.no_verify)
+        model = Model.load(args.bundle, threads=args.threads, verify_hashes=not args.no_verify, plan=args.plan,
+                           accelerator=args.accelerator, lane_threads=args.lane_threads)
         t_load = time.perf_counter() - t0
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-        ids = model.encode_prompt(args.prompt, raw=args.raw)
+        t1 = time.perf_counter()  # first-token time includes image preprocessing + the vision encoder
+        ids, embeds = model.prepare_prompt(args.prompt, raw=args.raw, images=args.image)
         decoder = model.tokenizer.stream_decoder()
-        t1 = time.perf_counter()
         first = None
         n = 0
-        for token in model.generate_ids(ids, args.max_new_tokens, params):
+        for token in model.generate_ids(ids, args.max_new_tokens, params, embeds=embeds):
             first = first or time.perf_counter()
             n += 1
             piece = decoder.push(token)
@@ -57,6 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         decode_tps = (n - 1) / (t2 - first) if first and n > 1 else 0.0
         print(f"load {t_load:.2f}s | prompt {len(ids)} tokens, first token after {ttft * 1e3:.0f} ms "
               f"({len(ids) / ttft:.0f} tok/s) | {n} new tokens, decode {decode_tps:.1f} tok/s", file=sys.stderr)
+    trace = model.split.last_trace if model.split is not None else None
+    if trace is not None:
+        if args.stats:
+            print(f"split plan: {trace.summary()}", file=sys.stderr)
+        if args.trace:
+            trace.save(args.trace)
+        if args.gantt:
+            try:
+                trace.gantt(args.gantt)
+            except RuntimeError as e:
+                print(f"edge-run: error: {e}", file=sys.stderr)
+                return 1
     return 0
 
 

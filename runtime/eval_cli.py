@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perplexity", action="store_true", required=True, help="perplexity over a text")
     p.add_argument("--text", type=Path, default=None,
                    help="UTF-8 text file (default: Python's pydoc_data.topics text)")
+    p.add_argument("--heldout", action="store_true",
+                   help="the held-out second half of the default text: what edge-export's accuracy report "
+                        "measured (use --tokens as recorded in the manifest, 8192 by default)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens to predict")
     p.add_argument("--window", type=int, default=1024, help="window (fresh context) length in tokens")
     p.add_argument("--threads", type=int, default=0)
@@ -27,12 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .model import Model
-    from .perplexity import bundle_perplexity, default_text
+    from .perplexity import bundle_perplexity, default_text, heldout_text
 
     progress = Progress(enabled=not args.json)
     try:
+        if args.heldout and args.text is not None:
+            raise EdgeError("--heldout and --text name two different texts; give one")
         if args.text is None:
-            text = default_text()
+            text = heldout_text() if args.heldout else default_text()
         else:
             try:
                 text = args.text.read_text(encoding="utf-8")
@@ -44,11 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeError as e:
         print(f"edge-eval: error: {e}", file=sys.stderr)
         return 1
+    recorded = model.bundle.manifest.quantization.get("accuracy") if args.heldout else None
     if args.json:
-        print(json.dumps({"bundle": str(args.bundle), **result.to_dict()}))
+        print(json.dumps({"bundle": str(args.bundle), **result.to_dict(),
+                          **({"recorded_at_export": recorded} if recorded else {})}))
     else:
         print(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens "
               f"({result.windows} windows of {result.window})")
+        if recorded:
+            print(f"recorded at export: {recorded.get('quantized')} over {recorded.get('tokens')} tokens "
+                  f"(float model {recorded.get('float')}, {recorded.get('change_percent'):+}%)")
     return 0
 
 

@@ -14,7 +14,7 @@ from edge.errors import BundleError, PromptError
 from .bundle import Bundle, check_session_io, open_bundle
 from .kv_cache import KVCache
 from .sampling import Sampler, SamplingParams
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_text
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -27,14 +27,22 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 
 class Model:
-    def __init__(self, bundle: Bundle, threads: int = 0):
+    def __init__(self, bundle: Bundle, threads: int = 0, plan: str | None = None, accelerator: str = "auto",
+                 lane_threads: int = 1):
+        """``plan``: prefill plan, "fused" (one graph per chunk) or "split" (per-layer subgraphs on a
+        CPU lane and an accelerator lane, out of order); None = the bundle's default (fused).
+        ``accelerator`` (split only): "auto" | "none" | a name from runtime.lanes.list_devices();
+        ``lane_threads``: onnxruntime threads of each CPU-backed lane."""
         self.bundle = bundle
         m = bundle.manifest
+        self.plan = plan or m.plans.default
+        if self.plan not in m.plans.names:
+            raise BundleError(f"{bundle.path}: no prefill plan {self.plan!r} in this bundle (has {', '.join(m.plans.names)})")
         self.config, self.chunk_length, self.max_context = m.model, m.chunk_length, m.max_context
         self.tokenizer = Tokenizer(bundle.file(m.tokenizer["file"]), m.tokenizer.get("chat_template"))
         so = session_options(threads)
         self.sessions: dict[str, ort.InferenceSession] = {}
-        for role in ("embed", "prefill", "decode"):
+        for role in ("embed", "decode") + (("prefill",) if self.plan == "fused" else ()):
             spec = m.graphs[role]
             path = bundle.file(spec.file)
             try:
@@ -43,11 +51,23 @@ class Model:
                 raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from None
             check_session_io(sess, spec, str(path))
             self.sessions[role] = sess
+        self.vision = None  # multimodal bundles: the vision encoder (runtime/vision.py)
+        if m.vision is not None:
+            from .vision import VisionEncoder
+
+            self.vision = VisionEncoder(bundle, m, so)
+        self.split = None
+        if self.plan == "split":
+            from .lanes import make_lanes
+            from .split_prefill import SplitPrefill
+
+            self.split = SplitPrefill(bundle, make_lanes(accelerator, lane_threads, lane_threads))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, threads: int = 0, verify_hashes: bool = True) -> "Model":
-        """Open and verify a bundle (checksums unless ``verify_hashes=False``) and create sessions."""
-        return cls(open_bundle(Path(path), verify_hashes=verify_hashes), threads=threads)
+    def load(cls, path: str | os.PathLike, threads: int = 0, verify_hashes: bool = True, **kwargs) -> "Model":
+        """Open and verify a bundle (checksums unless ``verify_hashes=False``) and create sessions;
+        ``kwargs``: plan, accelerator, lane_threads (see ``Model``)."""
+        return cls(open_bundle(Path(path), verify_hashes=verify_hashes), threads=threads, **kwargs)
 
     # ---------------------------------------------------------------- building blocks
     def new_cache(self) -> KVCache:
@@ -70,6 +90,8 @@ class Model:
         start = cache.length
         if start + n > self.max_context:
             raise PromptError(f"{start + n} tokens do not fit in the context of {self.max_context}")
+        if self.split is not None:
+            return self.split.prefill(embeds, cache, all_logits)
         C = self.chunk_length
         sess = self.sessions["prefill"]
         outs_all = []
@@ -99,10 +121,25 @@ class Model:
 
     # ---------------------------------------------------------------- text in, text out
     def encode_prompt(self, prompt: str, raw: bool = False) -> list[int]:
-        if not isinstance(prompt, str):
-            raise PromptError(f"prompt must be a str, got {type(prompt).__name__}")
-        text = prompt if raw else self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        ids = self.tokenizer.encode(text)
+        """Token ids for a prompt, wrapped in the bundle's chat template unless ``raw``.
+
+        In the template, text that spells a control token (``<|im_end|>``) stays plain text: user
+        text cannot end its turn or open a system turn. ``raw=True`` sends the text as the model's
+        whole input, control tokens included (for evaluation or a caller's own template).
+        Refused with PromptError: a non-str, an empty prompt, invalid Unicode (lone surrogates), and a
+        prompt that does not leave room for one new token in the context (checked on the length
+        first, so an enormous prompt is refused without being tokenized)."""
+        check_text(prompt)
+        if not prompt:
+            raise PromptError("prompt is empty")
+        if len(prompt) > self.tokenizer.max_token_chars * self.max_context:
+            raise PromptError(
+                f"prompt of {len(prompt)} characters cannot fit in the bundle's context of {self.max_context} "
+                f"tokens (at most {self.max_context - 1} prompt tokens); shorten the prompt or export with a larger --context")
+        if raw:
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         if not ids:
             raise PromptError("prompt is empty (no tokens)")
         if len(ids) >= self.max_context:
@@ -111,17 +148,32 @@ class Model:
                 f"(at most {self.max_context - 1} prompt tokens); shorten the prompt or export with a larger --context")
         return ids
 
+    def prepare_prompt(self, prompt: str, raw: bool = False, images=None) -> tuple[list[int], np.ndarray | None]:
+        """(prompt ids, prompt embeddings or None): text-only bundles take ``encode_prompt``; vision
+        bundles lay out image tokens and merge image embeddings (runtime/vision.py)."""
+        if self.vision is None and (images is None or (isinstance(images, (list, tuple)) and not images)):
+            return self.encode_prompt(prompt, raw=raw), None
+        from .vision import prepare_prompt
+
+        return prepare_prompt(self, prompt, images, raw)
+
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 256,
                      sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None,
-                     cache: KVCache | None = None) -> Iterator[int]:
+                     cache: KVCache | None = None, embeds: np.ndarray | None = None) -> Iterator[int]:
         """Yield generated token ids (stop token excluded). Stops at a stop id, the token budget
-        or a full context."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        or a full context: ``max_new_tokens`` beyond the context is clamped, at most
+        ``max_context - len(prompt_ids) + 1`` tokens come out (the last one is never fed back)."""
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise PromptError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if len(prompt_ids) == 0:
+            raise PromptError("prompt is empty (no token ids)")
+        if not isinstance(sampling, SamplingParams):
+            raise PromptError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         stop = set(self.config.eos_token_ids if stop_ids is None else stop_ids)
         cache = cache or self.new_cache()
         sample = Sampler(sampling)
-        logits = self.prefill(self.embed(prompt_ids), cache)
+        # embeds: the prompt's embeddings when they are not just its tokens' (images merged in)
+        logits = self.prefill(self.embed(prompt_ids) if embeds is None else embeds, cache)
         for i in range(max_new_tokens):
             token = sample(logits)
             if token in stop:
@@ -132,16 +184,17 @@ class Model:
             logits = self.decode_step(token, cache)
 
     def stream(self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None, raw: bool = False) -> Iterator[str]:
-        """Yield text pieces as tokens are generated."""
+               top_p: float = 1.0, seed: int | None = None, raw: bool = False, images=None) -> Iterator[str]:
+        """Yield text pieces as tokens are generated. ``images`` (vision bundles): paths, bytes, uint8
+        numpy arrays or PIL images; ``<image>`` in the prompt marks where each goes (default: first)."""
         params = SamplingParams(temperature, top_k, top_p, seed)
-        ids = self.encode_prompt(prompt, raw=raw)
+        ids, embeds = self.prepare_prompt(prompt, raw=raw, images=images)
         decoder = self.tokenizer.stream_decoder()
-        for token in self.generate_ids(ids, max_new_tokens, params):
+        for token in self.generate_ids(ids, max_new_tokens, params, embeds=embeds):
             piece = decoder.push(token)
             if piece:
                 yield piece
 
     def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, raw: bool = False) -> str:
-        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, raw))
+                 top_p: float = 1.0, seed: int | None = None, raw: bool = False, images=None) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, images))

@@ -19,6 +19,18 @@ def default_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+def split_text(text: str) -> tuple[str, str]:
+    """(calibration part, held-out part): the first and second half, cut at a paragraph break.
+    Quantization calibrates on the first and is judged on the second, never on what it saw."""
+    cut = text.find("\n\n", len(text) // 2)
+    cut = len(text) // 2 if cut < 0 else cut
+    return text[:cut], text[cut:].lstrip("\n")
+
+
+def heldout_text() -> str:
+    return split_text(default_text())[1]
+
+
 @dataclass(frozen=True)
 class PerplexityResult:
     perplexity: float

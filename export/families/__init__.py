@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
 from edge.config import DecoderConfig
 from edge.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from edge.vision import VisionConfig
+
+    from ..sources import SourceModel
 
 
 @dataclass(frozen=True)
@@ -17,6 +22,8 @@ class Family:
     architectures: tuple[str, ...]
     config: Callable[[dict[str, Any], dict[str, Any]], DecoderConfig]  # (hf_config, special_tokens)
     sanitize: Callable[[Mapping[str, np.ndarray], DecoderConfig], dict[str, np.ndarray]]
+    # multimodal families: (source, decoder config) -> the vision record; weights keep their HF names
+    vision: "Callable[[SourceModel, DecoderConfig], VisionConfig] | None" = None
 
 
 FAMILIES: dict[str, Family] = {}
@@ -29,7 +36,7 @@ def register(family: Family) -> Family:
 
 
 def family_for(architecture: str) -> Family:
-    from . import llama, qwen2  # noqa: F401  (registration)
+    from . import idefics3, llama, qwen2  # noqa: F401  (registration)
 
     if architecture not in FAMILIES:
         raise UnsupportedModelError(

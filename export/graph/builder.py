@@ -47,6 +47,9 @@ class WeightStore:
         self._size += array.nbytes
         return name
 
+    def get(self, name: str) -> np.ndarray | None:
+        return self._arrays.get(name)
+
     def tensor_proto(self, name: str) -> TensorProto:
         a = self._arrays[name]
         t = TensorProto()

@@ -83,18 +83,26 @@ class DecoderGraph:
     def attention(self, g: GraphBuilder, x: str, i: int, n: int, cos: str, sin: str, mask: str) -> tuple[str, str, str]:
         cfg = self.cfg
         p = f"model.layers.{i}.self_attn"
-        hd, nh, kvh = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        groups = nh // kvh
         q = self.linear(g, x, f"{p}.q_proj", cfg.attention_bias)
         k = self.linear(g, x, f"{p}.k_proj", cfg.attention_bias)
         v = self.linear(g, x, f"{p}.v_proj", cfg.attention_bias)
+        ctx, k, v = self.attend(g, q, k, v, i, n, cos, sin, mask, f"past_key_{i}", f"past_value_{i}")
+        return self.linear(g, ctx, f"{p}.o_proj"), k, v
+
+    def attend(self, g: GraphBuilder, q: str, k: str, v: str, i: int, n: int, cos: str, sin: str, mask: str,
+               past_key: str, past_value: str) -> tuple[str, str, str]:
+        """Projected q [C, heads*hd], k/v [C, kv_heads*hd] -> (context [C, heads*hd], roped k, v [C, kvh, hd])."""
+        cfg = self.cfg
+        p = f"model.layers.{i}.self_attn"
+        hd, nh, kvh = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        groups = nh // kvh
         q = g.op("Reshape", [q, g.const("shape_q", np.array([n, nh, hd], np.int64))], name=f"{p}/q_heads")
         k = g.op("Reshape", [k, g.const("shape_kv", np.array([n, kvh, hd], np.int64))], name=f"{p}/k_heads")
         v = g.op("Reshape", [v, "shape_kv"], name=f"{p}/v_heads")
         q = self.rope(g, q, cos, sin, f"{p}/q_rope")
         k = self.rope(g, k, cos, sin, f"{p}/k_rope")
-        keys = g.op("Concat", [f"past_key_{i}", k], name=f"{p}/keys", axis=0)        # [P+C, kvh, hd]
-        values = g.op("Concat", [f"past_value_{i}", v], name=f"{p}/values", axis=0)
+        keys = g.op("Concat", [past_key, k], name=f"{p}/keys", axis=0)               # [P+C, kvh, hd]
+        values = g.op("Concat", [past_value, v], name=f"{p}/values", axis=0)
         # Grouped-query attention without repeating K/V: fold the query groups into rows.
         q = g.op("Mul", [q, g.const("attn_scale", np.array(hd ** -0.5, np.float32))], name=f"{p}/q_scale")
         q = g.op("Reshape", [q, g.const("shape_q_groups", np.array([n, kvh, groups, hd], np.int64))], name=f"{p}/q_groups")
@@ -105,7 +113,7 @@ class DecoderGraph:
         scores = g.op("MatMul", [q, kt], name=f"{p}/scores")                              # [kvh, g*C, P+C]
         scores = g.op("Reshape", [scores, g.const("shape_scores", np.array([kvh, groups, n, -1], np.int64))],
                       name=f"{p}/scores_4d")
-        scores = g.op("Where", [mask, scores, g.const("neg_inf", NEG_INF)], name=f"{p}/mask")
+        scores = g.op("Add", [scores, mask], name=f"{p}/mask")  # mask: additive bias, 0 or NEG_INF
         probs = g.op("Softmax", [scores], name=f"{p}/softmax", axis=-1)
         probs = g.op("Reshape", [probs, g.const("shape_probs", np.array([kvh, groups * n, -1], np.int64))],
                      name=f"{p}/probs_rows")
@@ -113,7 +121,7 @@ class DecoderGraph:
         ctx = g.op("Reshape", [ctx, g.const("shape_ctx", np.array([kvh, groups, n, hd], np.int64))], name=f"{p}/ctx_4d")
         ctx = g.op("Transpose", [ctx], name=f"{p}/ctx_t", perm=[2, 0, 1, 3])             # [C, kvh, g, hd]
         ctx = g.op("Reshape", [ctx, g.const("shape_hidden_attn", np.array([n, nh * hd], np.int64))], name=f"{p}/merge")
-        return self.linear(g, ctx, f"{p}.o_proj"), k, v
+        return ctx, k, v
 
     def mlp(self, g: GraphBuilder, x: str, i: int) -> str:
         p = f"model.layers.{i}.mlp"
@@ -122,32 +130,20 @@ class DecoderGraph:
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{p}/sigmoid")], name=f"{p}/silu")
         return self.linear(g, g.op("Mul", [act, up], name=f"{p}/gated"), f"{p}.down_proj")
 
-    # ---------------------------------------------------------------- graphs
-    def build(self, role: str, n: int, past: int | str):
-        """role "prefill": inputs_embeds [1, n, H]; role "decode": input_ids [1, n]."""
+    def rope_and_mask(self, g: GraphBuilder, n: int, start: str, past_key: str) -> tuple[str, str, str]:
+        """RoPE rows cos/sin [C, 1, hd/2] of positions start..start+n-1 and the mask [C, P+C] that hides
+        cache rows at or after ``start`` (P = rows of ``past_key``); shared by all layers."""
         cfg = self.cfg
-        g = GraphBuilder(f"{role}", self.store)
-        kvh, hd, hidden = cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-        if role == "decode":
-            ids = g.input("input_ids", I64, [1, n])
-            emb = g.weight("model.embed_tokens.weight", self.w["model.embed_tokens.weight"])
-            x = g.op("Gather", [emb, ids], name="embed_tokens", axis=0)
-        else:
-            x = g.input("inputs_embeds", F32, [1, n, hidden])
-        start = g.input("start", I64, [1])
-        for i in range(cfg.num_layers):
-            g.input(f"past_key_{i}", F32, [past, kvh, hd])
-            g.input(f"past_value_{i}", F32, [past, kvh, hd])
-        h = g.op("Reshape", [x, g.const("shape_hidden", np.array([n, hidden], np.int64))], name="flatten_tokens")
-
-        # positions, RoPE rows and the mask are shared by all layers
         positions = g.op("Add", [start, g.const("chunk_offsets", np.arange(n, dtype=np.int64))], name="positions")
+        # A padded last chunk can reach past the table (start + n > L): clamp; those rows are discarded.
+        positions = g.op("Min", [positions, g.const("last_position", np.array(self.max_context - 1, np.int64))],
+                         name="positions_clamped")
         cos_t, sin_t = rope_tables(cfg, self.max_context)
         cos = g.op("Gather", [g.weight("rope.cos", cos_t), positions], name="rope/cos", axis=0)
         sin = g.op("Gather", [g.weight("rope.sin", sin_t), positions], name="rope/sin", axis=0)
         cos = g.op("Unsqueeze", [cos, g.const("axis_1", np.array([1], np.int64))], name="rope/cos_heads")
         sin = g.op("Unsqueeze", [sin, "axis_1"], name="rope/sin_heads")
-        past_len = g.op("Gather", [g.op("Shape", ["past_key_0"], name="mask/past_shape"),
+        past_len = g.op("Gather", [g.op("Shape", [past_key], name="mask/past_shape"),
                                    g.const("zero", np.array(0, np.int64))], name="mask/past_len", axis=0)
         past_pos = g.op("Range", [g.const("zero", np.array(0, np.int64)), past_len,
                                   g.const("one", np.array(1, np.int64))], name="mask/past_positions")
@@ -157,6 +153,37 @@ class DecoderGraph:
                                   g.const("shape_mask_rows", np.array([n, 1], np.int64))], name="mask/past_rows")
         causal = g.const("mask_causal", np.tril(np.ones((n, n), dtype=bool)))
         mask = g.op("Concat", [past_ok, causal], name="mask/full", axis=1)                 # [C, P+C]
+        # as an additive bias, built once: a broadcast Add per layer costs ~1/5 of a Where
+        bias = g.op("Where", [mask, g.const("zero_f", np.array(0, np.float32)), g.const("neg_inf", NEG_INF)],
+                    name="mask/bias")
+        return cos, sin, bias
+
+    # hooks: a quantizing subclass swaps the token table and the output projection
+    def embed_tokens(self, g: GraphBuilder, ids: str) -> str:
+        emb = g.weight("model.embed_tokens.weight", self.w["model.embed_tokens.weight"])
+        return g.op("Gather", [emb, ids], name="embed_tokens", axis=0)
+
+    def lm_head(self, g: GraphBuilder, h: str) -> str:
+        head = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
+        return g.op("Gemm", [h, g.weight(head, self.w[head])], name="lm_head", transB=1)
+
+    # ---------------------------------------------------------------- graphs
+    def build(self, role: str, n: int, past: int | str):
+        """role "prefill": inputs_embeds [1, n, H]; role "decode": input_ids [1, n]."""
+        cfg = self.cfg
+        g = GraphBuilder(f"{role}", self.store)
+        kvh, hd, hidden = cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        if role == "decode":
+            x = self.embed_tokens(g, g.input("input_ids", I64, [1, n]))
+        else:
+            x = g.input("inputs_embeds", F32, [1, n, hidden])
+        start = g.input("start", I64, [1])
+        for i in range(cfg.num_layers):
+            g.input(f"past_key_{i}", F32, [past, kvh, hd])
+            g.input(f"past_value_{i}", F32, [past, kvh, hd])
+        h = g.op("Reshape", [x, g.const("shape_hidden", np.array([n, hidden], np.int64))], name="flatten_tokens")
+
+        cos, sin, mask = self.rope_and_mask(g, n, start, "past_key_0")
 
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}"
@@ -167,8 +194,7 @@ class DecoderGraph:
             g.output(k, f"present_key_{i}", F32, [n, kvh, hd])
             g.output(v, f"present_value_{i}", F32, [n, kvh, hd])
         h = self.rms_norm(g, h, "model.norm")
-        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        logits = g.op("Gemm", [h, g.weight(head, self.w[head])], name="lm_head", transB=1)
+        logits = self.lm_head(g, h)
         logits = g.op("Reshape", [logits, g.const("shape_logits", np.array([1, n, cfg.vocab_size], np.int64))],
                       name="logits_3d")
         g.output(logits, "logits", F32, [1, n, cfg.vocab_size])

@@ -23,6 +23,8 @@ class SourceModel:
     chat_template: str | None
     identity: dict[str, Any]  # kind, name, path, size/sha256: recorded in the manifest
     special_tokens: dict[str, Any] = field(default_factory=dict)  # bos_token_id, eos_token_ids
+    # other JSON files of the folder a family may need, by file name (preprocessor_config.json, ...)
+    extra_configs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def architecture(self) -> str:

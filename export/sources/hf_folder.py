@@ -14,6 +14,10 @@ from edge.errors import ModelSourceError
 from . import SourceModel
 
 
+# read when present, for families that need them (image processor settings, generation stops)
+EXTRA_CONFIGS = ("preprocessor_config.json", "processor_config.json", "generation_config.json")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -45,10 +49,41 @@ def load_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
     for f in files:
         try:
             tensors = load_file(str(f))
+        except TypeError:  # numpy has no bfloat16: most real checkpoints (SmolVLM, SmolLM2) store it
+            tensors = load_bf16_safetensors(f)
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelSourceError(f"{f}: not a readable safetensors file ({e})") from None
         out.update(tensors)
     return out
+
+
+_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+              "U8": "u1", "BOOL": "?"}
+
+
+def load_bf16_safetensors(f: Path) -> dict[str, np.ndarray]:
+    """Read a safetensors file directly (8-byte header length, JSON header, raw little-endian data);
+    bfloat16 widens exactly to float32 (its bits are the top half of a float32)."""
+    import struct
+
+    try:
+        data = np.memmap(f, dtype=np.uint8, mode="r")
+        (n,) = struct.unpack("<Q", bytes(data[:8]))
+        header = json.loads(bytes(data[8:8 + n]))
+        out = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            start, stop = (8 + n + o for o in meta["data_offsets"])
+            raw = np.array(data[start:stop])
+            if meta["dtype"] == "BF16":
+                arr = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+            else:
+                arr = raw.view(_ST_DTYPES[meta["dtype"]])
+            out[name] = arr.reshape(meta["shape"])
+        return out
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise ModelSourceError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
 def _chat_template(folder: Path, tok_cfg: dict[str, Any]) -> str | None:
@@ -104,4 +139,5 @@ def load_hf_folder(folder: Path) -> SourceModel:
         chat_template=_chat_template(folder, tok_cfg),
         identity=identity,
         special_tokens=_special_tokens(cfg, tok_cfg, vocab),
+        extra_configs={n: _read_json(folder / n) for n in EXTRA_CONFIGS if (folder / n).is_file()},
     )

@@ -1,0 +1,46 @@
+"""Decoder graphs with an int8 token table and a quantized output projection.
+
+When the token table is tied to the output projection, both read the same int8 rows, so a
+quantized bundle holds the 49k x 576 table once, at a quarter of its float size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from onnx import TensorProto
+
+from edge.config import DecoderConfig
+from edge.quant import LinearQuant
+
+from .builder import GraphBuilder, WeightStore
+from .decoder import DecoderGraph, LinearEmitter
+from .qlinear import gather_int8_rows, quant_linear
+
+TABLE = "model.embed_tokens"
+
+
+class QuantDecoderGraph(DecoderGraph):
+    def __init__(self, cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store, max_context: int,
+                 linear: LinearEmitter, head: LinearQuant | None):
+        super().__init__(cfg, weights, store, max_context, linear=linear)
+        self.head = head  # None: the float output projection
+
+    def embed_tokens(self, g: GraphBuilder, ids: str) -> str:
+        return gather_int8_rows(g, ids, TABLE, self.w[TABLE + ".weight"])
+
+    def lm_head(self, g: GraphBuilder, h: str) -> str:
+        if self.head is None:
+            return super().lm_head(g, h)
+        name = TABLE if self.cfg.tie_word_embeddings else "lm_head"
+        return quant_linear(g, h, name, self.w[name + ".weight"], None, self.head)
+
+
+def build_int8_embed_graph(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store: WeightStore):
+    """Token ids [1, n] -> embeddings [1, n, H] from the int8 table (any n)."""
+    g = GraphBuilder("embed", store)
+    ids = g.input("input_ids", TensorProto.INT64, [1, "tokens"])
+    g.output(gather_int8_rows(g, ids, TABLE, weights[TABLE + ".weight"]), "inputs_embeds", TensorProto.FLOAT,
+             [1, "tokens", cfg.hidden_size])
+    return g.build()

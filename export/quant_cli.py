@@ -1,0 +1,68 @@
+"""edge-export's quantization flags (kept apart from the general ones in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edge.errors import EdgeError
+
+from .accuracy import EVAL_TOKENS, EVAL_WINDOW
+from .quant_export import CALIB_TOKENS, CALIB_WINDOW, AccuracySpec, CalibrationSpec
+from .quantize import DECODE_SCHEMES, PREFILL_SCHEMES, QuantOptions
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    q = p.add_argument_group("quantization")
+    q.add_argument("--quant", choices=PREFILL_SCHEMES, default="fp32",
+                   help="prefill linears: w8a8 (int8 weights, static int8 activations, float side path for "
+                        "outlier channels), w8a8-nooutliers (no side path), fp32 (default)")
+    q.add_argument("--decode-weights", choices=DECODE_SCHEMES, default=None,
+                   help="decode linears (float activations): int8 (default when --quant is w8a8*: the "
+                        "prefill's own int8 tensors), int4 (MatMulNBits blocks), fp32")
+    q.add_argument("--outliers", default="auto", metavar="auto|off|K",
+                   help="hot channels per linear input: auto (spread a global budget, see --hot-budget), "
+                        "off, or at most K per input")
+    q.add_argument("--outlier-layers", type=float, default=1.0, metavar="FRACTION",
+                   help="keep the side path in this fraction of the linear inputs, most important first "
+                        "(importance = largest outlier / scale); the others clip (default 1.0)")
+    q.add_argument("--hot-budget", type=float, default=0.005, metavar="FRACTION",
+                   help="auto: hot channels at most this fraction of all linear input channels (0.005)")
+    q.add_argument("--smooth", default="auto", metavar="auto|off|ALPHA",
+                   help="SmoothQuant migration folded into the norms / up_proj: strength searched per "
+                        "input (auto), off, or a fixed alpha")
+    q.add_argument("--act16", default=",".join(QuantOptions.act16), metavar="KINDS",
+                   help="linears whose input gets 16-bit activations (two int8 passes, hi + lo), comma-separated "
+                        "kinds (q_proj = q/k/v, o_proj, gate_proj = gate/up, down_proj, lm_head) or 'none' "
+                        f"(default {','.join(QuantOptions.act16)})")
+    q.add_argument("--float-linears", type=int, default=0, metavar="N",
+                   help="keep the N linear inputs with the largest estimated error in float (default 0)")
+    q.add_argument("--block", type=int, default=32, help="int4 block size (power of two >= 16, default 32)")
+    q.add_argument("--calib", type=Path, default=None, metavar="FILE",
+                   help="UTF-8 calibration text (default: first half of Python's pydoc topics)")
+    q.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help=f"calibration tokens ({CALIB_TOKENS})")
+    q.add_argument("--calib-window", type=int, default=CALIB_WINDOW,
+                   help=f"calibration window, each a fresh context ({CALIB_WINDOW})")
+    q.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS,
+                   help=f"held-out tokens for the accuracy report ({EVAL_TOKENS})")
+    q.add_argument("--no-accuracy-report", action="store_true",
+                   help="skip the held-out perplexity measurement at export")
+
+
+def from_args(args: argparse.Namespace) -> tuple[QuantOptions, CalibrationSpec, AccuracySpec]:
+    """Raises ValueError (bad value) or EdgeError (unreadable calibration file)."""
+    decode = args.decode_weights or ("fp32" if args.quant == "fp32" else "int8")
+    act16 = () if args.act16.strip() in ("", "none") else tuple(k.strip() for k in args.act16.split(",") if k.strip())
+    quant = QuantOptions(prefill=args.quant, decode=decode, outliers=args.outliers, outlier_layers=args.outlier_layers,
+                         hot_budget=args.hot_budget, smooth=args.smooth, act16=act16, float_groups=args.float_linears,
+                         block=args.block)
+    if args.calib_tokens < 1 or args.calib_window < 2 or args.eval_tokens < 1:
+        raise ValueError("--calib-tokens, --calib-window and --eval-tokens must be positive")
+    text, label = None, CalibrationSpec.label
+    if args.calib is not None:
+        try:
+            text, label = args.calib.read_text(encoding="utf-8"), str(args.calib)
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgeError(f"{args.calib}: cannot read as UTF-8 text ({e})") from None
+    calib = CalibrationSpec(text=text, tokens=args.calib_tokens, window=args.calib_window, label=label)
+    return quant, calib, AccuracySpec(enabled=not args.no_accuracy_report, tokens=args.eval_tokens, window=EVAL_WINDOW)

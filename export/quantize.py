@@ -1,0 +1,230 @@
+"""The quantization plan: from calibration statistics to a decision per linear-input group
+(activation bits and scale, hot channels, side path kept or not, smoothing strength).
+
+A group is the set of linears fed by one tensor (q/k/v, gate/up, o, down, the output projection);
+they share one static activation quantizer. Choices minimize the estimated output error
+(clip_search); the hot-channel budget is spread over all groups where it lowers that error most.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge.quant import ActQuant, LinearQuant
+
+from . import smooth
+from .calibrate import HEAD, Calibration
+from .clip_search import Curve, search, weight_error
+
+PREFILL_SCHEMES = ("w8a8", "w8a8-nooutliers", "fp32")
+DECODE_SCHEMES = ("int8", "int4", "fp32")
+AUTO_ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75)
+LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+AUTO_MAX_HOT = 16  # per group, in auto mode (the global budget is the real limit)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    prefill: str = "w8a8"
+    decode: str = "int8"
+    outliers: str = "auto"  # "auto" | "off" | a number K (at most K hot channels per group)
+    outlier_layers: float = 1.0  # fraction of groups (most important first) that keep the side path
+    hot_budget: float = 0.005  # auto: hot channels <= this fraction of all linear input channels
+    smooth: str = "auto"  # "auto" (alpha searched per group) | "off" | an alpha in [0, 1]
+    # linear kinds whose input gets 16-bit activations (two int8 passes): on SmolLM2 the q/k/v and
+    # down_proj inputs are where 8 bits cost most perplexity (+0.55% and most of the rest)
+    act16: tuple[str, ...] = ("q_proj", "down_proj")
+    float_groups: int = 0  # keep the N groups with the largest estimated error in float
+    block: int = 32  # int4 block size (decode)
+
+    def __post_init__(self) -> None:
+        if self.prefill not in PREFILL_SCHEMES:
+            raise ValueError(f"--quant must be one of {', '.join(PREFILL_SCHEMES)}, got {self.prefill!r}")
+        if self.decode not in DECODE_SCHEMES:
+            raise ValueError(f"--decode-weights must be one of {', '.join(DECODE_SCHEMES)}, got {self.decode!r}")
+        if self.outliers not in ("auto", "off") and not (self.outliers.isdigit() and int(self.outliers) >= 0):
+            raise ValueError(f"--outliers must be auto, off or a count >= 0, got {self.outliers!r}")
+        if not 0.0 <= self.hot_budget <= 1.0:
+            raise ValueError(f"--hot-budget must be a fraction in [0, 1], got {self.hot_budget}")
+        if not 0.0 <= self.outlier_layers <= 1.0:
+            raise ValueError(f"--outlier-layers must be a fraction in [0, 1], got {self.outlier_layers}")
+        if self.smooth not in ("auto", "off"):
+            try:
+                ok = 0.0 <= float(self.smooth) <= 1.0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"--smooth must be auto, off or an alpha in [0, 1], got {self.smooth!r}")
+        unknown = set(self.act16) - set(LINEAR_KINDS)
+        if unknown:
+            raise ValueError(f"--act16: unknown linear kind(s) {sorted(unknown)}; choose from {', '.join(LINEAR_KINDS)}")
+        if self.block < 16 or self.block & (self.block - 1):
+            raise ValueError(f"--block must be a power of two >= 16, got {self.block}")
+        if self.float_groups < 0:
+            raise ValueError(f"--float-linears must be >= 0, got {self.float_groups}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.prefill != "fp32"
+
+    def alphas(self) -> tuple[float, ...]:
+        return {"auto": AUTO_ALPHAS, "off": (0.0,)}.get(self.smooth) or (float(self.smooth),)
+
+    def max_hot(self) -> int:
+        if self.prefill == "w8a8-nooutliers" or self.outliers == "off":
+            return 0
+        return AUTO_MAX_HOT if self.outliers == "auto" else int(self.outliers)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    key: str  # the tensor feeding the group
+    linears: tuple[str, ...]
+    bits: int | None  # 8, 16, or None = float
+    scale: float
+    hot: tuple[int, ...]
+    side_path: bool
+    alpha: float  # smoothing strength (0 = none)
+    importance: float  # largest hot-channel value / clip (the paper's pruning criterion)
+    nsr: float  # estimated output noise-to-signal ratio
+    smooth: np.ndarray | None = field(default=None, repr=False, compare=False)  # s, when alpha > 0
+
+    def linear_quant(self) -> LinearQuant:
+        if self.bits is None:
+            return LinearQuant("fp32")
+        return LinearQuant("int8", ActQuant(self.scale, self.bits), self.hot, self.side_path)
+
+    def record(self) -> dict:
+        return {"linears": list(self.linears), "bits": self.bits, "scale": self.scale, "hot": list(self.hot),
+                "side_path": self.side_path and bool(self.hot) and self.bits is not None, "smooth_alpha": self.alpha,
+                "importance": round(self.importance, 3), "estimated_nsr": float(f"{self.nsr:.3g}")}
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    groups: tuple[GroupPlan, ...]
+    weights: Mapping[str, np.ndarray] = field(repr=False)  # float weights after smoothing
+    channels: int  # all linear input channels (one per group input)
+
+    def linears(self) -> dict[str, LinearQuant]:
+        return {name: g.linear_quant() for g in self.groups for name in g.linears}
+
+    def cache_consistent(self, weights: Mapping[str, np.ndarray], head_dim: int) -> dict[str, np.ndarray]:
+        """``weights`` (e.g. the originals) with just the migrations that change the KV cache's
+        contents: what a graph sharing the prefill's cache must compute with."""
+        out = dict(weights)
+        for g in self.groups:
+            if g.smooth is not None and smooth.changes_cache(g.linears[0]):
+                out = smooth.apply(out, g.linears, g.smooth, head_dim)
+        return out
+
+    @property
+    def hot_channels(self) -> int:
+        return sum(len(g.hot) for g in self.groups if g.side_path and g.bits is not None)
+
+    def summary(self) -> str:
+        q = [g for g in self.groups if g.bits is not None]
+        kept = sum(1 for g in q if g.side_path and g.hot)
+        return (f"{self.hot_channels} hot channels in float side paths = {100 * self.hot_channels / self.channels:.2f}% "
+                f"of {self.channels} linear input channels; side path kept in {kept}/{len(q)} groups; "
+                f"{sum(1 for g in q if g.bits == 16)} groups with 16-bit activations, "
+                f"{len(self.groups) - len(q)} in float")
+
+    def record(self) -> dict:
+        return {"hot_channels": self.hot_channels, "input_channels": self.channels,
+                "hot_fraction": round(self.hot_channels / self.channels, 6),
+                "groups": {g.key: g.record() for g in self.groups}}
+
+
+def head_name(weights: Mapping[str, np.ndarray]) -> str:
+    return "lm_head" if "lm_head.weight" in weights else "model.embed_tokens"
+
+
+def _consumers(weights: Mapping[str, np.ndarray], linears: tuple[str, ...]) -> list[np.ndarray]:
+    return [weights[(head_name(weights) if n == HEAD else n) + ".weight"] for n in linears]
+
+
+def _smoothing(cal: Calibration, key: str, weights: Mapping[str, np.ndarray], alpha: float,
+               head_dim: int) -> np.ndarray:
+    """The group's per-channel migration scales s for ``alpha`` (ones for 0)."""
+    stats = cal.stats[key]
+    if not alpha:
+        return np.ones_like(stats.absmax)
+    w_absmax = np.max([np.abs(w).max(0) for w in _consumers(weights, cal.groups[key])], axis=0)
+    return smooth.scales(cal.groups[key][0], stats.absmax, w_absmax, alpha, weights, head_dim)
+
+
+def _curves(cal: Calibration, key: str, weights: Mapping[str, np.ndarray], opts: QuantOptions,
+            bits: int, head_dim: int) -> dict[float, Curve]:
+    """Error curve (per number of hot channels) for each candidate smoothing strength."""
+    linears = cal.groups[key]
+    ws = _consumers(weights, linears)
+    col2 = np.sum([(w.astype(np.float64) ** 2).sum(0) for w in ws], axis=0)
+    out = {}
+    for a in opts.alphas() if smooth.producer(linears[0]) else (0.0,):
+        s = _smoothing(cal, key, weights, a, head_dim)
+        st = cal.stats[key].scaled(s) if a else cal.stats[key]
+        werr = weight_error([w * s[None, :] for w in ws], st.sumsq)
+        out[a] = Curve(search(st, col2 * s.astype(np.float64) ** 2, bits, opts.max_hot()), werr)
+    return out
+
+
+def _allocate(curves: dict[str, dict[float, Curve]], opts: QuantOptions, channels: int) -> dict[str, int]:
+    """Hot channels per group: K each, or (auto) a global budget spent greedily where the
+    estimated noise-to-signal ratio drops most."""
+    best = {k: [min(c.nsr(n) for c in cs.values()) for n in range(opts.max_hot() + 1)] for k, cs in curves.items()}
+    if opts.outliers != "auto" or opts.max_hot() == 0:
+        return {k: opts.max_hot() for k in curves}
+    budget = int(opts.hot_budget * channels)
+    alloc = {k: 0 for k in curves}
+    heap = [(-(b[0] - b[1]), k) for k, b in best.items() if len(b) > 1]
+    heapq.heapify(heap)
+    while heap and budget > 0:
+        gain, k = heapq.heappop(heap)
+        if -gain <= 0:
+            break
+        alloc[k] += 1
+        budget -= 1
+        n, b = alloc[k], best[k]
+        if n + 1 < len(b):
+            heapq.heappush(heap, (-(b[n] - b[n + 1]), k))
+    return alloc
+
+
+def plan_quantization(cal: Calibration, weights: Mapping[str, np.ndarray], opts: QuantOptions,
+                      head_dim: int) -> QuantPlan:
+    keys = list(cal.groups)
+    channels = sum(len(cal.stats[k].absmax) for k in keys)
+    bits = {k: 16 if any(n.rsplit(".", 1)[-1] in opts.act16 for n in cal.groups[k]) else 8 for k in keys}
+    curves = {k: _curves(cal, k, weights, opts, bits[k], head_dim) for k in keys}
+    alloc = _allocate(curves, opts, channels)
+    chosen, importance = {}, {}
+    for k in keys:
+        a = min(curves[k], key=lambda al: curves[k][al].nsr(alloc[k]))
+        c = curves[k][a].choices[alloc[k]]
+        chosen[k] = (a, c, curves[k][a].nsr(alloc[k]))
+        hot = list(c.hot)  # importance in the units the clip is in (after smoothing)
+        importance[k] = float((cal.stats[k].absmax[hot] / _smoothing(cal, k, weights, a, head_dim)[hot]).max()
+                              / c.clip) if hot else 0.0
+    # --outlier-layers: the least important side paths go; those groups re-choose with none
+    ranked = sorted((k for k in keys if chosen[k][1].hot), key=lambda k: -importance[k])
+    dropped = set(ranked[round(opts.outlier_layers * len(ranked)):])
+    floated = set(sorted(keys, key=lambda k: -chosen[k][2])[:opts.float_groups])
+    groups, new_weights = [], dict(weights)
+    for k in keys:
+        a, c, nsr = chosen[k]
+        clip, side = c.clip, True
+        if k in dropped:
+            a = min(curves[k], key=lambda al: curves[k][al].nsr(0))
+            clip, side, nsr = curves[k][a].choices[0].clip, False, curves[k][a].nsr(0)
+        s = _smoothing(cal, k, weights, a, head_dim) if a and k not in floated else None
+        if s is not None:
+            new_weights = smooth.apply(new_weights, cal.groups[k], s, head_dim)
+        act = ActQuant.for_clip(clip, bits[k])
+        groups.append(GroupPlan(k, cal.groups[k], None if k in floated else bits[k], act.scale, c.hot, side,
+                                a if s is not None else 0.0, importance[k], nsr, s))
+    return QuantPlan(tuple(groups), new_weights, channels)

@@ -1,0 +1,118 @@
+"""Shared fixtures: tiny random HF models and their bundles, built once per test session.
+
+Everything is lazy and cached: a test asking for ``zoo.bundle("qwen2", chunk=64)`` builds the
+Qwen2 folder (once) and that bundle (once). Tests that mutate a bundle take ``zoo.copy_bundle``.
+"""
+
+# tests/arm64 run under aarch64 emulation only (.ci/run), on bundles prepared there.
+collect_ignore = ["arm64"]
+
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+# Weight scale: transformers' default (0.02) gives logits that barely differ between tokens;
+# 0.2 gives logits with std ~1.6, clear argmax margins and varied greedy continuations.
+INIT_STD = 0.2
+CONTEXT = 256  # >= longest prompt (100) + generated tokens (20)
+
+VARIANTS = {
+    "llama": dict(family="llama", seed=1),
+    "qwen2": dict(family="qwen2", seed=2),
+    "llama_tied": dict(family="llama", seed=3, tie=True),
+}
+
+
+class TinyZoo:
+    def __init__(self, root: Path):
+        self.root = root
+        self._folders: dict[str, Path] = {}
+        self._bundles: dict[tuple, Path] = {}
+        self._models: dict[tuple, object] = {}
+        self._hf: dict[str, object] = {}
+        self._copies = 0
+
+    def folder(self, name: str) -> Path:
+        if name not in self._folders:
+            from tiny_models import make_tiny
+
+            self._folders[name] = make_tiny(self.root / "hf" / name, init_std=INIT_STD, **VARIANTS[name])
+        return self._folders[name]
+
+    def bundle(self, name: str, chunk: int = 16, context: int = CONTEXT) -> Path:
+        key = (name, chunk, context)
+        if key not in self._bundles:
+            from edge.config import ExportOptions
+            from edge.progress import Progress
+            from export.pipeline import export_model
+
+            out = self.root / "bundles" / f"{name}-c{chunk}-l{context}"
+            export_model(self.folder(name), out, ExportOptions(chunk_length=chunk, max_context=context),
+                         Progress(enabled=False))
+            self._bundles[key] = out
+        return self._bundles[key]
+
+    def model(self, name: str, chunk: int = 16, context: int = CONTEXT):
+        """A loaded runtime Model (shared: do not keep state in it)."""
+        key = (name, chunk, context)
+        if key not in self._models:
+            from runtime import Model
+
+            self._models[key] = Model.load(self.bundle(name, chunk, context), threads=1)
+        return self._models[key]
+
+    def hf_model(self, name: str):
+        if name not in self._hf:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            torch.manual_seed(0)
+            self._hf[name] = AutoModelForCausalLM.from_pretrained(
+                self.folder(name), dtype=torch.float32, attn_implementation="eager").eval()
+        return self._hf[name]
+
+    def hf_tokenizer(self, name: str):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.folder(name))
+
+    def copy_bundle(self, dest: Path, name: str = "llama", chunk: int = 16, context: int = CONTEXT) -> Path:
+        """A private copy of a bundle, for tests that change files."""
+        out = Path(dest) / f"bundle-copy-{self._copies}"
+        self._copies += 1
+        shutil.copytree(self.bundle(name, chunk, context), out)
+        return out
+
+    def copy_folder(self, dest: Path, name: str = "llama") -> Path:
+        out = Path(dest) / f"hf-copy-{self._copies}"
+        self._copies += 1
+        shutil.copytree(self.folder(name), out)
+        return out
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> TinyZoo:
+    return TinyZoo(tmp_path_factory.mktemp("tiny"))
+
+
+def run_module(module: str, *args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the repository root, capturing text output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, encoding="utf-8", errors="replace", timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return run_module

@@ -1,0 +1,140 @@
+"""Crash-safe export: edge-export SIGKILLed at any moment leaves the previous bundle (complete,
+verified) or nothing at the target, never a mix; re-running succeeds and removes stale folders.
+
+The export process is really killed (SIGKILL, no handler runs). tests/reliability_export_child.py
+numbers every file-system step of an export; one sweep kills a fresh export at each step in turn,
+another test kills `edge-export` from the parent at random moments of its write phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edge.errors import BundleError
+from edge.manifest import MANIFEST_NAME
+from runtime.bundle import open_bundle
+
+REPO = Path(__file__).resolve().parent.parent
+CHILD = Path(__file__).with_name("reliability_export_child.py")
+PREVIOUS = dict(chunk=16, context=64)  # the bundle already at the target
+NEW = dict(chunk=8, context=64)  # what the killed export writes (different graphs and files)
+
+
+def child_env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore", **extra}
+
+
+def cli_args(folder: Path, out: str) -> list[str]:
+    return [str(folder), "-o", out, "--chunk", str(NEW["chunk"]), "--context", str(NEW["context"]), "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def versions(zoo):
+    """(source folder, previous bundle, files of the previous and of the new bundle)."""
+    prev = zoo.bundle("llama", **PREVIOUS)
+    new = zoo.bundle("llama", **NEW)
+    return zoo.folder("llama"), prev, open_bundle(prev).manifest.files, open_bundle(new).manifest.files
+
+
+def state_of(target: Path, prev_files: dict, new_files: dict) -> str:
+    """'previous' | 'new' | 'nothing'; fails the test on anything else (a mix, a corrupt bundle)."""
+    if not target.exists():
+        return "nothing"
+    try:
+        files = open_bundle(target).manifest.files  # manifest valid, every file present, sizes + sha256
+    except BundleError as e:
+        pytest.fail(f"{target}: neither the previous bundle nor nothing: {e}")
+    on_disk = {p.name for p in target.iterdir()}
+    assert on_disk == set(files) | {MANIFEST_NAME}, f"{target}: stray or missing files {on_disk ^ set(files)}"
+    if files == prev_files:
+        return "previous"
+    assert files == new_files, f"{target}: a complete bundle, but neither the previous nor the new one"
+    return "new"
+
+
+def stale(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith((".bundle.tmp-", ".bundle.old-")))
+
+
+def rerun_cli(folder: Path, target: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "export.cli", *cli_args(folder, str(target))], cwd=REPO,
+                       env=child_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_export_killed_at_every_step(versions, tmp_path):
+    folder, prev, prev_files, new_files = versions
+    root = tmp_path / "cases"
+    r = subprocess.run([sys.executable, str(CHILD), "sweep", str(prev), str(root), *cli_args(folder, "{out}")],
+                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    outcomes = json.loads(r.stdout)
+    *killed, finished = outcomes
+    assert all(o["killed"] for o in killed) and not finished["killed"] and finished["exit"] == 0, outcomes[-3:]
+    labels = [o["step"] for o in killed]
+    # every kind of step was a kill point, including both renames of the swap
+    for kind in ("mkdtemp", "write weights", "save graph", "write_text manifest.json", "fsync", "rename"):
+        assert any(kind in s for s in labels), (kind, labels)
+
+    states = {}
+    for o in outcomes:
+        case = Path(o["case"])
+        states[o["n"]] = state_of(case / "bundle", prev_files, new_files)
+    report = [(o["n"], o["step"], states[o["n"]]) for o in outcomes]
+    # before the swap the previous bundle is intact, after it the new one; between the two renames
+    # (target moved aside, new one not yet in) the target is empty, which the contract allows
+    first_new = min(n for n, s in states.items() if s == "new")
+    assert all(s == "new" for n, s in states.items() if n >= first_new), report
+    assert all(s in ("previous", "nothing") for n, s in states.items() if n < first_new), report
+    assert all("rename" in label for n, label, s in report if s == "nothing"), report
+    assert states[1] == "previous" and states[len(outcomes)] == "new", report
+    killed_with_stale = [o for o in killed if stale(Path(o["case"]))]
+    assert killed_with_stale, "no kill point left a temporary folder behind: the sweep missed the write phase"
+
+    # re-running succeeds from every kind of wreck and removes the stale folders
+    picks = {killed_with_stale[0]["n"], killed_with_stale[len(killed_with_stale) // 2]["n"],
+             killed_with_stale[-1]["n"], *(n for n, s in states.items() if s == "nothing")}
+    for n in sorted(picks):
+        case = root / str(n)
+        rerun_cli(folder, case / "bundle")
+        assert state_of(case / "bundle", prev_files, new_files) == "new"
+        assert stale(case) == [], (n, states[n], stale(case))
+
+
+def test_export_killed_by_parent_at_random_moments(versions, tmp_path):
+    """`edge-export` (slowed by 10 ms per step) gets SIGKILL from the parent at random times."""
+    folder, prev, prev_files, new_files = versions
+    seed = int(os.environ.get("EDGE_KILL_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    target = tmp_path / "bundle"
+    shutil.copytree(prev, target)
+    seen = []
+    for attempt in range(4):
+        proc = subprocess.Popen([sys.executable, str(CHILD), "run", *cli_args(folder, str(target))], cwd=REPO,
+                                env=child_env(EDGE_STEP_SLEEP="0.01"), stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        first = proc.stdout.readline()  # the export reached its first write step
+        assert first.startswith("STEP"), first
+        delay = rng.uniform(0, 0.8)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        steps = [line.split(" ", 2)[2].strip() for line in proc.stdout.read().splitlines() if line.startswith("STEP")]
+        proc.stdout.close()
+        state = state_of(target, prev_files, new_files)
+        seen.append((round(delay, 3), proc.returncode, steps[-1] if steps else first.strip(), state))
+    assert all(s[1] in (-signal.SIGKILL, 0) for s in seen), (seed, seen)
+    rerun_cli(folder, target)
+    assert state_of(target, prev_files, new_files) == "new", (seed, seen)
+    assert stale(tmp_path) == [], (seed, seen, stale(tmp_path))
