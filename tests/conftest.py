@@ -4,9 +4,6 @@ Everything is lazy and cached: a test asking for ``zoo.bundle("qwen2", chunk=64)
 Qwen2 folder (once) and that bundle (once). Tests that mutate a bundle take ``zoo.copy_bundle``.
 """
 
-# tests/arm64 run under aarch64 emulation only (.ci/run), on bundles prepared there.
-collect_ignore = ["arm64"]
-
 
 from __future__ import annotations
 
@@ -116,3 +113,5 @@ def run_module(module: str, *args: str, timeout: float = 120, **kw) -> subproces
 @pytest.fixture(scope="session")
 def cli():
     return run_module
+# tests/arm64 run under aarch64 emulation only (.ci/run), on bundles prepared there.
+collect_ignore = ["arm64"]
