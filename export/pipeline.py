@@ -79,7 +79,8 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
         dec = parts.prefill
         graphs = {
             "embed": (parts.embed(), "embed.onnx", "embed"),
-            "prefill": (dec.build("prefill", options.chunk_length, options.max_context), "prefill.onnx", "prefill"),
+            "prefill": (dec.build("prefill", options.chunk_length, "past_len", logits_rows=True), "prefill.onnx",
+                        "prefill"),
             "decode": (parts.decode.build("decode", 1, "past_len"), "decode.onnx", "decode"),
         }
         split_plan = None

@@ -51,6 +51,10 @@ class Model:
                 raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from None
             check_session_io(sess, spec, str(path))
             self.sessions[role] = sess
+        # what the fused prefill graph takes (older bundles: the whole static cache, logits for every row)
+        prefill_in = {t.name: t.shape for t in m.graphs["prefill"].inputs}
+        self._prefill_prefix_rows = isinstance(prefill_in.get("past_key_0", (0,))[0], str)
+        self._prefill_logits_rows = "logits_rows" in prefill_in
         self.vision = None  # multimodal bundles: the vision encoder (runtime/vision.py)
         if m.vision is not None:
             from .vision import VisionEncoder
@@ -95,17 +99,23 @@ class Model:
         C = self.chunk_length
         sess = self.sessions["prefill"]
         outs_all = []
+        names = [o.name for o in sess.get_outputs()]
         for off in range(0, n, C):
             count = min(C, n - off)
             chunk = np.zeros((1, C, embeds.shape[2]), np.float32)
             chunk[0, :count] = embeds[0, off:off + count]
             pos = start + off
-            feeds = {"inputs_embeds": chunk, "start": np.array([pos], np.int64), **cache.feeds()}
-            names = [o.name for o in sess.get_outputs()]
+            feeds = {"inputs_embeds": chunk, "start": np.array([pos], np.int64),
+                     **cache.feeds(pos if self._prefill_prefix_rows else None)}
+            last = off + count == n
+            if self._prefill_logits_rows:  # only the rows someone reads: none before the last chunk
+                rows = range(count) if all_logits else [count - 1] if last else []
+                feeds["logits_rows"] = np.array(rows, np.int64)
             result = dict(zip(names, sess.run(names, feeds)))
             cache.write(pos, count, result)
-            logits = result["logits"][0, :count]
-            outs_all.append(logits if all_logits else logits[-1:])
+            logits = result["logits"][0] if self._prefill_logits_rows else result["logits"][0, :count]
+            if all_logits or last:
+                outs_all.append(logits if all_logits else logits[-1:])
         return np.concatenate(outs_all, 0) if all_logits else outs_all[-1][0]
 
     def decode_step(self, token: int, cache: KVCache) -> np.ndarray:

@@ -61,6 +61,23 @@ def test_chunked_prefill_matches_one_pass(zoo, name, chunk):
     assert not c_chunked.keys[:, 100:].any() and not c_chunked.values[:, 100:].any()
 
 
+@pytest.mark.parametrize("n", (7, 16, 33))
+def test_last_row_prefill_equals_all_rows(zoo, n):
+    """The prefill graph reads only the cache rows below ``start`` (dynamic past) and computes logits
+    only for the rows asked for (``logits_rows``): generation's last-row prefill, whose earlier
+    chunks ask for no rows at all, equals the all-rows prefill's last row, bit for bit."""
+    model = zoo.model("llama", 16)
+    past = {t.name: t.shape for t in model.bundle.manifest.graphs["prefill"].inputs}
+    assert isinstance(past["past_key_0"][0], str) and "logits_rows" in past
+    ids = prompt(n, seed=3)
+    c_all, c_last = model.new_cache(), model.new_cache()
+    full = model.prefill(model.embed(ids), c_all, all_logits=True)
+    last = model.prefill(model.embed(ids), c_last)
+    assert full.shape == (n, VOCAB) and last.shape == (VOCAB,)
+    np.testing.assert_array_equal(last, full[-1])
+    np.testing.assert_array_equal(c_last.keys, c_all.keys)
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("n", (1, 7, 33))
 def test_decode_steps_match_full_forward(zoo, name, n):

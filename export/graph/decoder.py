@@ -168,8 +168,12 @@ class DecoderGraph:
         return g.op("Gemm", [h, g.weight(head, self.w[head])], name="lm_head", transB=1)
 
     # ---------------------------------------------------------------- graphs
-    def build(self, role: str, n: int, past: int | str):
-        """role "prefill": inputs_embeds [1, n, H]; role "decode": input_ids [1, n]."""
+    def build(self, role: str, n: int, past: int | str, logits_rows: bool = False):
+        """role "prefill": inputs_embeds [1, n, H]; role "decode": input_ids [1, n]. ``past``: cache
+        rows the graph reads, static (an int) or an axis name (the runtime hands over only the rows
+        below ``start``, so attention costs what the prompt so far costs, not the whole context).
+        ``logits_rows``: an input [R] choosing the token rows that get logits (generation needs one
+        per prompt; the output projection over all C rows is ~1/3 of a chunk's work)."""
         cfg = self.cfg
         g = GraphBuilder(f"{role}", self.store)
         kvh, hd, hidden = cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
@@ -193,11 +197,14 @@ class DecoderGraph:
                      name=f"{p}/mlp_residual")
             g.output(k, f"present_key_{i}", F32, [n, kvh, hd])
             g.output(v, f"present_value_{i}", F32, [n, kvh, hd])
+        rows = n
+        if logits_rows:
+            h = g.op("Gather", [h, g.input("logits_rows", I64, ["rows"])], name="select_logit_rows", axis=0)
+            rows = "rows"
         h = self.rms_norm(g, h, "model.norm")
         logits = self.lm_head(g, h)
-        logits = g.op("Reshape", [logits, g.const("shape_logits", np.array([1, n, cfg.vocab_size], np.int64))],
-                      name="logits_3d")
-        g.output(logits, "logits", F32, [1, n, cfg.vocab_size])
+        logits = g.op("Unsqueeze", [logits, g.const("axis_0", np.array([0], np.int64))], name="logits_3d")
+        g.output(logits, "logits", F32, [1, rows, cfg.vocab_size])
         # keep outputs in a stable order: logits first
         g.outputs.insert(0, g.outputs.pop())
         return g.build()
