@@ -57,8 +57,13 @@ class ExportOptions:
     max_context: int = 2048
     threads: int = 0  # 0 = onnxruntime's default
     plans: tuple[str, ...] = ("fused", "split")  # prefill plans to emit; fused is always the default
+    vision_weights: str = "fp32"  # multimodal bundles: the vision graph's linears, fp32 or int8 (edge.vision)
 
     def __post_init__(self) -> None:
+        from .vision import VISION_WEIGHTS
+
+        if self.vision_weights not in VISION_WEIGHTS:
+            raise ValueError(f"vision weights must be one of {', '.join(VISION_WEIGHTS)}, got {self.vision_weights!r}")
         unknown = set(self.plans) - {"fused", "split"}
         if unknown or "fused" not in self.plans:
             raise ValueError(f"plans must include 'fused' and may add 'split', got {','.join(self.plans)}")

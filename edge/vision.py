@@ -3,6 +3,9 @@
 One record holds everything the runtime needs to turn an image into prompt tokens and tile
 pixels exactly as the model's Hugging Face processor does (Idefics3 / SmolVLM layout), plus the
 encoder's shape facts for people reading the manifest. Nothing is derived from file names.
+``linear_weights`` records how the vision graph's linears store their weights (the graph itself
+carries the form, so the runtime needs nothing else): fp32, or int8 (symmetric, one scale per
+output channel, float activations). Bundles written before the field existed read as fp32.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import BundleError
+
+VISION_WEIGHTS = ("fp32", "int8")  # forms of the vision graph's linears (encoder q/k/v/out, fc1/fc2, connector)
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,12 @@ class VisionConfig:
     fake_image_token_id: int
     global_image_token: str
     global_image_token_id: int
+    # weights of the vision graph's linears: one of VISION_WEIGHTS
+    linear_weights: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.linear_weights not in VISION_WEIGHTS:
+            raise ValueError(f"linear_weights must be one of {', '.join(VISION_WEIGHTS)}, got {self.linear_weights!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         side = self.image_size // self.patch_size
@@ -85,6 +94,8 @@ class VisionConfig:
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name not in d:
+                if f.default is not dataclasses.MISSING:  # a field newer than the bundle: its default
+                    continue
                 raise BundleError(f"{where}.{f.name}: missing")
             v, t = d[f.name], str(f.type)
             if t.startswith("tuple"):

@@ -1,56 +1,181 @@
 """Write a bundle atomically: build it in a hidden sibling folder, then swap it into place.
 
 An export killed at any moment leaves either the previous bundle or nothing at the target path,
-plus at worst a hidden ``.<name>.tmp-*`` folder that the next export removes.
+plus at worst a hidden ``.<name>.tmp-<pid>-*`` folder that the next export removes.
+
+Several exports may write the same target at once (two processes, two threads): each builds in its
+own working folder (``tempfile.mkdtemp``: pid + random suffix), which it holds an exclusive
+``flock`` on from creation to removal, so the stale-folder cleanup of another export only removes
+folders whose owner is gone (a lock dies with its process) and never one still being written. The
+swap itself (old bundle aside, new bundle in) runs under a lock on the parent folder, so swaps of
+concurrent exports never interleave: each export either installs its complete bundle (the last
+swap wins) or fails with a clear error; the target never holds a mix of two bundles.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from edge.manifest import MANIFEST_NAME, fsync_dir
 
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): no cleanup of other exports' folders, unlocked swap
+    fcntl = None  # type: ignore[assignment]
+
+SWAP_LOCK_TIMEOUT_S = 120.0  # a swap is two renames; waiting longer means something is stuck
+_BUSY = (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+
+
+def _open_dir(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _try_lock(fd: int) -> bool:
+    """Exclusive flock without waiting: False if another open file (process, thread) holds it."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in _BUSY:
+            return False
+        raise
+    return True
+
+
+def _stale_folders(target: Path) -> list[Path]:
+    # .tmp-*: working folders (this version and older ones); .old-*: older versions' swap folders
+    return [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]
+
 
 def _clean_stale(target: Path) -> None:
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in target.parent.glob(f".{target.name}.old-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Remove the working folders of exports that are gone (killed, crashed): a folder whose lock
+    can be taken has no live owner. Folders of exports still running are left alone."""
+    if fcntl is None:
+        return
+    for stale in _stale_folders(target):
+        if stale.is_symlink() or not stale.is_dir():
+            continue
+        try:
+            fd = _open_dir(stale)
+        except OSError:
+            continue  # removed meanwhile (its owner finished) or unreadable: not ours to touch
+        try:
+            if _try_lock(fd):  # held until removed: its owner cannot be mid-start (see _working_folder)
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
-def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
-    """``fill(tmp_dir)`` writes every file (the manifest last); then the folder replaces ``target``."""
-    target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _owned_folder(target: Path, kind: str) -> tuple[Path, int | None]:
+    """A new hidden ``.<name>.<kind>-<pid>-<random>`` folder next to ``target``, locked by this
+    export until it closes the returned descriptor (None where there is no flock)."""
+    for _ in range(100):
+        folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{os.getpid()}-", dir=target.parent))
+        if fcntl is None:
+            return folder, None
+        try:
+            fd = _open_dir(folder)
+        except FileNotFoundError:
+            continue  # another export's cleanup took it before we locked it: make another
+        # locked, and still the folder at that path (a cleanup may have locked and removed it in
+        # the moment between mkdtemp and flock): then it is ours until we remove it
+        if _try_lock(fd):
+            try:
+                st, here = os.fstat(fd), os.stat(folder)
+                if (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino):
+                    return folder, fd
+            except FileNotFoundError:
+                pass
+        os.close(fd)
+    raise OSError(f"{target.parent}: cannot create a working folder for the export (removed by another process each time)")
+
+
+@contextmanager
+def _swap_lock(parent: Path) -> Iterator[None]:
+    """Exclusive lock on the parent folder for the swap (no lock file is left behind)."""
+    if fcntl is None:
+        yield
+        return
+    fd = _open_dir(parent)
+    try:
+        deadline = time.monotonic() + SWAP_LOCK_TIMEOUT_S
+        while not _try_lock(fd):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{parent}: another process has held the bundle swap lock for over "
+                                   f"{SWAP_LOCK_TIMEOUT_S:.0f} s; is another edge-export stuck writing there?")
+            time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _check_target(target: Path) -> None:
     if target.exists() and not (target / MANIFEST_NAME).is_file():
         if not target.is_dir() or any(target.iterdir()):
             raise FileExistsError(f"{target}: exists and is not an edge bundle; refusing to overwrite it")
+
+
+def _swap(tmp: Path, target: Path) -> None:
+    """Move ``target`` (if any) into a hidden ``.old-`` folder, then ``tmp`` to ``target`` and remove
+    the old one; if the second rename fails, put the old bundle back."""
+    old, old_fd, done = None, None, False
+    try:
+        if target.exists():
+            old, old_fd = _owned_folder(target, "old")
+            os.rename(target, old / "bundle")
+        try:
+            os.rename(tmp, target)
+        except BaseException as e:
+            if old is not None and (old / "bundle").exists() and not target.exists():
+                os.rename(old / "bundle", target)  # the new bundle did not move in: put the old one back
+            if isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                # only without the swap lock (no flock here, or an older exporter beside this one)
+                raise FileExistsError(f"{target}: another export installed a bundle there at the same moment; this "
+                                      "export's bundle was not installed (the other one is there, complete)") from None
+            raise
+        done = True
+    finally:
+        if old is not None and (done or not (old / "bundle").exists()):
+            shutil.rmtree(old, ignore_errors=True)  # the replaced bundle (never one put back)
+        if old_fd is not None:
+            os.close(old_fd)
+
+
+def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
+    """``fill(tmp_dir)`` writes every file (the manifest last); then the folder replaces ``target``.
+
+    Concurrent calls for the same target (threads or processes) are safe: each builds its own
+    bundle; they are swapped in one at a time and the last one to finish stays."""
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _check_target(target)
     _clean_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    old = None
+    tmp, tmp_fd = _owned_folder(target, "tmp")
     try:
         fill(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old / "bundle")
-        os.rename(tmp, target)
-        fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with _swap_lock(target.parent):
+            _check_target(target)  # again: something else may have been put there meanwhile
+            _swap(tmp, target)
+            fsync_dir(target.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            if (old / "bundle").exists() and not target.exists():
-                os.rename(old / "bundle", target)  # the new bundle did not move in: put the old one back
-            if not (old / "bundle").exists():
-                shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already if it became the bundle
         raise
+    finally:
+        if tmp_fd is not None:
+            os.close(tmp_fd)  # after the swap it locks the new bundle's folder (harmless) until here
     return target

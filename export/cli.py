@@ -8,6 +8,7 @@ import sys
 from edge.config import ExportOptions
 from edge.errors import EdgeError
 from edge.progress import Progress
+from edge.vision import VISION_WEIGHTS
 
 from . import quant_cli
 
@@ -23,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plans", default="fused,split",
                    help="prefill plans to emit, comma-separated: fused (always; the default plan) and split "
                         "(per-layer subgraphs for CPU + accelerator lanes; shares the weights file)")
+    p.add_argument("--vision-weights", choices=VISION_WEIGHTS, default=None,
+                   help="vision-language models: the vision graph's linears, int8 (weights per output channel, run "
+                        "by onnxruntime as 8-bit MatMulNBits; default when --quant is w8a8*) or fp32 (default "
+                        "otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     quant_cli.add_arguments(p)
     return p
@@ -34,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         options = ExportOptions(chunk_length=args.chunk, max_context=args.context,
-                                plans=tuple(p.strip() for p in args.plans.split(",") if p.strip()))
+                                plans=tuple(p.strip() for p in args.plans.split(",") if p.strip()),
+                                vision_weights=args.vision_weights or ("fp32" if args.quant == "fp32" else "int8"))
         quant, calib, accuracy = quant_cli.from_args(args)
     except (ValueError, EdgeError) as e:
         print(f"edge-export: error: {e}", file=sys.stderr)

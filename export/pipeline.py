@@ -24,6 +24,7 @@ from .graph.split import build_split
 from .graph.vision import build_vision_graph
 from .quant_export import FLOAT, AccuracySpec, CalibrationSpec, decoders, measure, plan_for_export
 from .sources import load_source
+from .vision_quant import vision_linear
 
 if TYPE_CHECKING:
     from .calibrate import Calibration
@@ -88,7 +89,9 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
             split_graphs, split_plan = build_split(dec, options.chunk_length)
             graphs.update({k: (proto, f"{k}.onnx", "split") for k, proto in split_graphs.items()})
         if vision is not None:  # image tiles -> image-token embeddings, merged into the prompt by the runtime
-            graphs["vision"] = (build_vision_graph(vision, weights, store), "vision.onnx", "vision")
+            vision = dataclasses.replace(vision, linear_weights=options.vision_weights)
+            graphs["vision"] = (build_vision_graph(vision, weights, store, vision_linear(options.vision_weights)),
+                                "vision.onnx", "vision")
 
     def fill(tmp: Path) -> None:
         store.write(tmp)

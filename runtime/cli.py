@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             if piece:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        sys.stdout.write("\n")
+        sys.stdout.write(decoder.flush() + "\n")  # a trailing partial character, as decode() renders it
         t2 = time.perf_counter()
     except EdgeError as e:
         print(f"edge-run: error: {e}", file=sys.stderr)

@@ -204,6 +204,8 @@ class Model:
             piece = decoder.push(token)
             if piece:
                 yield piece
+        if tail := decoder.flush():  # a trailing partial character: U+FFFD, as decode() renders it
+            yield tail
 
     def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, raw: bool = False, images=None) -> str:

@@ -6,7 +6,7 @@ import json
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -36,6 +36,62 @@ def _compile_template(source: str):
 _PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: no template writes them, trim/upper keep them
 _PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+# The special-token variables transformers passes to a chat template (its special_tokens_map).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_FROM_MANIFEST = object()  # Tokenizer(special_tokens=...) default: read them from the bundle's manifest
+
+
+def special_tokens_from_manifest(manifest: Mapping[str, Any], tok: _HFTokenizer) -> dict[str, str]:
+    """The texts of the chat template's special variables (``bos_token``, ``eos_token``, ...), as
+    transformers passes them to ``apply_chat_template``.
+
+    From the manifest's ``tokenizer`` section where the exporter stored them as text
+    (``tokenizer.special_tokens = {"bos_token": "<s>", ...}`` or ``tokenizer.bos_token``), else from
+    the model's ``bos_token_id`` and first ``eos_token_ids`` entry looked up in tokenizer.json.
+    A token the model does not have is left out (the template sees it undefined, as in transformers)."""
+    out: dict[str, str] = {}
+    model = manifest.get("model") if isinstance(manifest.get("model"), Mapping) else {}
+    bos = model.get("bos_token_id")
+    eos = model.get("eos_token_ids")
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    for name, tid in (("bos_token", bos), ("eos_token", eos)):
+        if isinstance(tid, int) and not isinstance(tid, bool):
+            text = tok.id_to_token(tid)
+            if text is not None:
+                out[name] = text
+    section = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), Mapping) else {}
+    stored = section.get("special_tokens") if isinstance(section.get("special_tokens"), Mapping) else {}
+    for name in SPECIAL_TOKEN_NAMES:
+        for src in (stored, section):
+            if name in src and (src[name] is None or isinstance(src[name], str)):
+                if src[name]:
+                    out[name] = src[name]
+                else:
+                    out.pop(name, None)  # stored as absent: the model has no such token
+                break
+    return out
+
+
+_BYTE_TOKEN_RE = re.compile("<0x[0-9A-Fa-f]{2}>")
+
+
+def _byte_fallback(tokenizer_json: Path) -> bool:
+    try:
+        model = json.loads(Path(tokenizer_json).read_text(encoding="utf-8")).get("model") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(isinstance(model, dict) and model.get("byte_fallback"))
+
+
+def _sibling_manifest(tokenizer_json: Path) -> dict[str, Any]:
+    """The manifest of the bundle a tokenizer.json sits in ({} outside a bundle or if unreadable)."""
+    from edge.manifest import MANIFEST_NAME
+
+    try:
+        data = json.loads((Path(tokenizer_json).parent / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def check_text(text: object, what: str = "prompt") -> str:
@@ -54,7 +110,11 @@ def check_text(text: object, what: str = "prompt") -> str:
 
 
 class Tokenizer:
-    def __init__(self, tokenizer_json: Path, chat_template: str | None):
+    def __init__(self, tokenizer_json: Path, chat_template: str | None,
+                 special_tokens: Mapping[str, str] | None | object = _FROM_MANIFEST):
+        """``special_tokens``: the chat template's ``bos_token``, ``eos_token``, ... texts; by default
+        read from the manifest of the bundle ``tokenizer_json`` belongs to (see
+        ``special_tokens_from_manifest``); None or {} = none."""
         try:
             self._tok = _HFTokenizer.from_file(str(tokenizer_json))
             # A second instance that reads special-token text in user content as plain text. (The
@@ -66,9 +126,19 @@ class Tokenizer:
         self.chat_template = chat_template
         self._template = _compile_template(chat_template) if chat_template else None
         self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        if special_tokens is _FROM_MANIFEST:
+            special_tokens = special_tokens_from_manifest(_sibling_manifest(tokenizer_json), self._tok)
+        self.special_tokens: dict[str, str] = {k: v for k, v in dict(special_tokens or {}).items()
+                                               if k in SPECIAL_TOKEN_NAMES and isinstance(v, str) and v}
         # No token covers more characters than the longest vocabulary entry: a text longer than
         # max_token_chars * N cannot fit in N tokens (lets an enormous prompt be refused unencoded).
-        self.max_token_chars = max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.max_token_chars = max((len(t) for t in vocab), default=1)
+        # byte-fallback tokens (<0xE2>, SentencePiece style): the decoder turns a whole run of them
+        # into text at once (all U+FFFD if any byte of the run is left incomplete), so a stream holds
+        # a run back until it ends
+        self.byte_fallback_ids = frozenset(
+            i for t, i in vocab.items() if _BYTE_TOKEN_RE.fullmatch(t)) if _byte_fallback(tokenizer_json) else frozenset()
 
     @property
     def vocab_size(self) -> int:
@@ -150,8 +220,10 @@ class Tokenizer:
         import jinja2
 
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token="", eos_token="")
+            # the variables transformers' apply_chat_template passes: tools/documents None, the
+            # tokenizer's special tokens (bos_token, eos_token, ...) as text
+            return self._template.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except jinja2.TemplateError as e:
             raise PromptError(f"chat template failed on these messages: {e}") from None
 
@@ -160,16 +232,31 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns token ids into text pieces as they arrive; holds back incomplete UTF-8 sequences."""
+    """Turns token ids into text pieces as they arrive; holds back incomplete UTF-8 sequences
+    (a text ending in U+FFFD, e.g. the first bytes of a multi-byte character) and runs of
+    byte-fallback tokens until a later token completes them or ``flush()`` ends the stream.
+
+    Pieces from ``push`` followed by ``flush()`` join to ``tok.decode(all ids)``."""
 
     def __init__(self, tok: Tokenizer):
         self.tok, self.ids, self.emitted = tok, [], 0
         self._text = ""
 
+    def _emit(self, text: str) -> str:
+        piece, self._text = text[len(self._text):], text
+        self.emitted = len(text)
+        return piece
+
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
+        if token_id in self.tok.byte_fallback_ids:
+            return ""  # a byte-fallback run decodes as a whole: wait for its end
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        piece, self._text = text[len(self._text):], text
-        return piece
+        return self._emit(text)
+
+    def flush(self) -> str:
+        """The text still held back, at the end of generation: incomplete bytes come out as
+        U+FFFD, exactly as ``tok.decode`` renders them. Further pushes continue the stream."""
+        return self._emit(self.tok.decode(self.ids)) if self.ids else ""

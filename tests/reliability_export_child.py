@@ -7,7 +7,10 @@ each fsync, each rename, each removal. Two modes:
 ``run CLI-ARGS...``
     Runs ``edge-export CLI-ARGS`` (``export.cli.main``, what ``python -m export.cli`` runs) and
     prints ``STEP n label`` on stdout at each step, sleeping ``EDGE_STEP_SLEEP`` seconds there, so
-    a parent can SIGKILL it at chosen or random moments of the write phase.
+    a parent can SIGKILL it at chosen or random moments of the write phase. With
+    ``EDGE_STEP_PAUSE=TEXT`` and ``EDGE_STEP_GO=PATH`` it stops at the first step whose label
+    contains TEXT (after printing it) until PATH exists: a parent can hold one export at a chosen
+    point while another runs (the concurrent-export tests).
 
 ``sweep PREVIOUS ROOT CLI-ARGS...``  (``{out}`` in CLI-ARGS = the target)
     Imports once, then for n = 1, 2, ...: copies the PREVIOUS bundle to ``ROOT/n/bundle``, forks,
@@ -29,7 +32,7 @@ import sys
 import tempfile
 import time
 
-STATE = {"n": 0, "kill_at": 0, "label_file": None, "sleep": 0.0, "print": False}
+STATE = {"n": 0, "kill_at": 0, "label_file": None, "sleep": 0.0, "print": False, "pause": None, "go": None}
 
 
 def _step(label: str) -> None:
@@ -41,6 +44,11 @@ def _step(label: str) -> None:
         with open(STATE["label_file"], "w") as f:
             f.write(label)
         os.kill(os.getpid(), signal.SIGKILL)
+    if STATE["pause"] and STATE["pause"] in label:
+        STATE["pause"] = None  # once
+        deadline = time.monotonic() + 120
+        while not os.path.exists(STATE["go"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
     if STATE["sleep"]:
         time.sleep(STATE["sleep"])
 
@@ -121,7 +129,8 @@ def sweep(previous: str, root: str, template: list[str]) -> list[dict]:
 def main() -> int:
     mode, *rest = sys.argv[1:]
     if mode == "run":
-        STATE.update(sleep=float(os.environ.get("EDGE_STEP_SLEEP", "0")), print=True)
+        STATE.update(sleep=float(os.environ.get("EDGE_STEP_SLEEP", "0")), print=True,
+                     pause=os.environ.get("EDGE_STEP_PAUSE"), go=os.environ.get("EDGE_STEP_GO"))
         install_hooks()
         return _cli(rest)
     if mode == "sweep":

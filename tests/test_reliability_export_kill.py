@@ -4,6 +4,10 @@ verified) or nothing at the target, never a mix; re-running succeeds and removes
 The export process is really killed (SIGKILL, no handler runs). tests/reliability_export_child.py
 numbers every file-system step of an export; one sweep kills a fresh export at each step in turn,
 another test kills `edge-export` from the parent at random moments of its write phase.
+
+Concurrent exports to the same target (real processes, held at chosen steps): one export's cleanup
+never removes another live export's folders, swaps never interleave, the last swap wins with a
+complete bundle, and stale folders of killed exports are removed.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ def child_env(**extra) -> dict:
             "PYTHONWARNINGS": "ignore", **extra}
 
 
-def cli_args(folder: Path, out: str) -> list[str]:
-    return [str(folder), "-o", out, "--chunk", str(NEW["chunk"]), "--context", str(NEW["context"]), "--quiet"]
+def cli_args(folder: Path, out: str, opts: dict = NEW) -> list[str]:
+    return [str(folder), "-o", out, "--chunk", str(opts["chunk"]), "--context", str(opts["context"]), "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +142,115 @@ def test_export_killed_by_parent_at_random_moments(versions, tmp_path):
     rerun_cli(folder, target)
     assert state_of(target, prev_files, new_files) == "new", (seed, seen)
     assert stale(tmp_path) == [], (seed, seen, stale(tmp_path))
+
+
+# ---------------------------------------------------------------- concurrent exports to one target
+
+
+def start_export(folder: Path, target: Path, opts: dict, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(CHILD), "run", *cli_args(folder, str(target), opts)], cwd=REPO,
+                            env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(proc: subprocess.Popen, text: str) -> str:
+    """Read the child's steps until one contains ``text`` (the child may be held there)."""
+    seen = []
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(timeout=60)
+            pytest.fail(f"export exited ({proc.returncode}) before step {text!r}; steps {seen[-5:]}; "
+                        f"stderr {proc.stderr.read()[-2000:]}")
+        seen.append(line.strip())
+        if line.startswith("STEP") and text in line:
+            return line.strip()
+
+
+def finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def chunk_of(target: Path) -> int:
+    """The chunk length of the complete bundle at ``target`` (fails the test on a mix or a corrupt one)."""
+    try:
+        manifest = open_bundle(target).manifest  # manifest valid, every file present, sizes + sha256
+    except BundleError as e:
+        pytest.fail(f"{target}: not one complete bundle: {e}")
+    on_disk = {p.name for p in target.iterdir()}
+    assert on_disk == set(manifest.files) | {MANIFEST_NAME}, f"{target}: stray or missing files"
+    return manifest.chunk_length
+
+
+def test_concurrent_export_leaves_the_other_exports_folder_alone(versions, tmp_path):
+    """A second edge-export to the same target runs from start to end while the first is held in the
+    middle of writing its temporary folder, and an export killed earlier left its folder behind: the
+    second removes the dead export's folder but not the live one's; both succeed; the first swaps
+    last and its bundle stays, complete."""
+    folder, prev, _, _ = versions
+    target = tmp_path / "bundle"
+    shutil.copytree(prev, target)
+    dead = start_export(folder, target, NEW, EDGE_STEP_PAUSE="after save graph", EDGE_STEP_GO=str(tmp_path / "never"))
+    wait_for_step(dead, "after save graph")
+    dead.kill()
+    dead.communicate(timeout=60)
+    leftover = stale(tmp_path)
+    assert len(leftover) == 1 and leftover[0].startswith(".bundle.tmp-"), leftover
+
+    go = tmp_path / "go-first"
+    first = start_export(folder, target, NEW, EDGE_STEP_PAUSE="after save graph", EDGE_STEP_GO=str(go))
+    wait_for_step(first, "after save graph")  # held with a half-written temporary folder
+    live = [n for n in stale(tmp_path) if n not in leftover]
+    assert len(live) == 1 and live[0].startswith(".bundle.tmp-"), live
+
+    second = start_export(folder, target, PREVIOUS)
+    finish(second)
+    assert chunk_of(target) == PREVIOUS["chunk"]
+    assert stale(tmp_path) == live, "the second export removed a live export's folder (or kept a dead one's)"
+
+    go.touch()
+    finish(first)
+    assert chunk_of(target) == NEW["chunk"]  # the last swap wins
+    assert stale(tmp_path) == []
+    # temporary folders are named by their export's pid (+ a random suffix)
+    assert leftover[0].startswith(f".bundle.tmp-{dead.pid}-") and live[0].startswith(f".bundle.tmp-{first.pid}-")
+
+
+def test_concurrent_swaps_do_not_interleave(versions, tmp_path):
+    """The first export is held in the middle of its swap (old bundle moved aside, new one not yet
+    in); the second, ready to swap, waits for it instead of moving its bundle into the empty target
+    (which would make the first one's rename fail); then both succeed, the second last."""
+    folder, prev, _, _ = versions
+    target = tmp_path / "bundle"
+    shutil.copytree(prev, target)
+    go = tmp_path / "go-first"
+    first = start_export(folder, target, NEW, EDGE_STEP_PAUSE="after rename bundle -> bundle", EDGE_STEP_GO=str(go))
+    wait_for_step(first, "after rename bundle -> bundle")
+    assert not target.exists()  # between the two renames of the first export's swap
+
+    second = start_export(folder, target, PREVIOUS)
+    wait_for_step(second, "after fsync_dir .bundle.tmp-")  # its bundle is complete: next comes the swap
+    time.sleep(1.5)
+    assert second.poll() is None, f"the second export swapped during the first one's swap: {second.communicate()}"
+    assert not target.exists() and len(stale(tmp_path)) == 3  # first's .tmp- and .old-, second's .tmp-
+
+    go.touch()
+    finish(first)
+    finish(second)
+    assert chunk_of(target) == PREVIOUS["chunk"]  # the second swapped last
+    assert stale(tmp_path) == []
+
+
+def test_rerun_removes_stale_folders_of_every_vintage(versions, tmp_path):
+    """Leftovers of killed exports, named as this version and older ones name them (a live pid in
+    the name does not make a folder live: only its owner's lock does), never stop a re-run."""
+    folder, prev, prev_files, new_files = versions
+    target = tmp_path / "bundle"
+    shutil.copytree(prev, target)
+    for name in (".bundle.tmp-k3j9x_2a", f".bundle.tmp-{os.getpid()}-abc123", ".bundle.old-q8w7e6r5"):
+        shutil.copytree(prev, tmp_path / name / ("bundle" if ".old-" in name else "."), dirs_exist_ok=True)
+    (tmp_path / ".bundle.tmp-1-empty").mkdir()
+    assert len(stale(tmp_path)) == 4
+    rerun_cli(folder, target)
+    assert state_of(target, prev_files, new_files) == "new"
+    assert stale(tmp_path) == []

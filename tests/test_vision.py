@@ -25,7 +25,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
-from tiny_vlm import load_processor, make_tiny_vlm
+from tiny_vlm import load_processor, make_tiny_vlm, photos
 
 from edge.config import ExportOptions
 from edge.errors import ImageError, PromptError
@@ -37,19 +37,6 @@ from runtime.image import load_image, preprocess
 ATOL = 1e-3  # the float tolerance; measured errors are ~1e-5
 CONTEXT = 512
 CHUNKS = (24, 200)  # 24: boundaries fall inside every prompt's image tokens; 200: few chunks
-
-
-def photos() -> dict[str, np.ndarray]:
-    import skimage.data as data
-
-    coffee = data.coffee()  # 400 x 600
-    return {
-        "coffee_landscape": coffee,
-        "astronaut_square": data.astronaut(),  # 512 x 512
-        "chelsea_portrait": np.ascontiguousarray(data.chelsea().transpose(1, 0, 2)),  # 451 x 300
-        "coffee_strip_10to1": np.ascontiguousarray(coffee[170:230]),  # 60 x 600 -> one row of tiles
-        "coffee_small": np.ascontiguousarray(coffee[200:220, 300:327]),  # 20 x 27, upscaled
-    }
 
 
 PHOTOS = photos()
@@ -109,6 +96,7 @@ def test_manifest_records_the_vision_side(vlm):
     assert v["image_token_id"] == json.loads((vlm.folder / "config.json").read_text())["image_token_id"]
     assert (v["image_token"], v["fake_image_token"], v["global_image_token"]) == (
         "<image>", "<fake_token_around_image>", "<global-img>")
+    assert v["linear_weights"] == "fp32"  # the default; int8: tests/test_vision_quant.py
     g = m["graphs"]["vision"]
     assert g["inputs"] == [{"name": "pixel_values", "dtype": "float32", "shape": [1, 3, 32, 32]}]
     assert g["outputs"] == [{"name": "image_embeds", "dtype": "float32", "shape": [1, 16, 64]}]

@@ -4,6 +4,11 @@ The folder looks like a real SmolVLM checkpoint: config.json + model.safetensors
 with the image tokens (<image>, <fake_token_around_image>, <global-img>, <row_i_col_j>,
 <end_of_utterance>), preprocessor_config.json / processor_config.json and SmolVLM's chat template,
 all written by transformers' own save_pretrained.
+
+``tails="student_t"`` draws the vision encoder's and connector's matrices from a Student t
+distribution (3 degrees of freedom, same std) instead of a normal one: heavier tails, closer to the
+spread of trained weights (a few large values per row), which is what per-channel int8 rounding
+is sensitive to. Still random weights: not a trained model.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from tiny_models import byte_level_tokenizer
 
@@ -31,8 +37,23 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # per-channel values: normaliza
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+def photos() -> dict[str, np.ndarray]:
+    """Real sample photos (scikit-image): landscape, square, portrait, a 10:1 strip, a small crop;
+    with the tiny model's 96-px longest edge they split into 2x3, 3x3, 3x2, 1x3 and 3x3 tiles."""
+    from skimage import data
+
+    coffee = data.coffee()  # 400 x 600
+    return {
+        "coffee_landscape": coffee,
+        "astronaut_square": data.astronaut(),  # 512 x 512
+        "chelsea_portrait": np.ascontiguousarray(data.chelsea().transpose(1, 0, 2)),  # 451 x 300
+        "coffee_strip_10to1": np.ascontiguousarray(coffee[170:230]),  # 60 x 600 -> one row of tiles
+        "coffee_small": np.ascontiguousarray(coffee[200:220, 300:327]),  # 20 x 27, upscaled
+    }
+
+
 def make_tiny_vlm(folder: Path, seed: int = 0, init_std: float = 0.2,
-                  architecture: str = "Idefics3ForConditionalGeneration") -> Path:
+                  architecture: str = "Idefics3ForConditionalGeneration", tails: str = "normal") -> Path:
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
@@ -66,6 +87,9 @@ def make_tiny_vlm(folder: Path, seed: int = 0, init_std: float = 0.2,
                 (p.uniform_(0.8, 1.2) if name.endswith("weight") else p.normal_(0, 0.1))
             elif p.dim() == 1:
                 p.normal_(0, 0.1)
+            elif tails == "student_t" and ("vision_model" in name or "connector" in name):
+                t = torch.distributions.StudentT(3.0).sample(p.shape) / 3 ** 0.5  # unit variance
+                p.copy_(t * init_std)
             else:
                 p.normal_(0, init_std)
     model.eval()
