@@ -17,13 +17,16 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import onnxruntime as ort
 
 from edge.errors import BundleError, DeviceError
 
 from .model import session_options
+
+if TYPE_CHECKING:
+    from .shared_weights import SharedWeights
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ class Lane:
     device: Device
     threads: int = 1
     pool: dict = field(default_factory=dict)
+    shared: "SharedWeights | None" = None  # CPU-backed lanes read the model's one weights map
     _worker: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     @property
@@ -143,7 +147,10 @@ class Lane:
             providers = None if self.device.name == "qnn" else list(dict.fromkeys([self.device.provider,
                                                                                   "CPUExecutionProvider"]))
             try:
-                self.pool[key] = ort.InferenceSession(str(path), self.options(), providers=providers)
+                so = self.options()
+                if self.shared is not None and self.device.cpu_backed:
+                    so = self.shared.session_options(Path(path), so)
+                self.pool[key] = ort.InferenceSession(str(path), so, providers=providers)
             except Exception as e:
                 raise BundleError(f"{path}: lane {self.name} ({self.device.provider}) cannot load this graph: "
                                   f"{str(e)[:400]}") from None
@@ -160,13 +167,15 @@ class Lane:
             self._worker = None
 
 
-def make_lanes(accelerator: str = "auto", cpu_threads: int = 1, accel_threads: int = 1) -> dict[str, Lane]:
-    """{"cpu": Lane[, "accel": Lane]}; CPU-backed lanes with equal thread counts share sessions."""
+def make_lanes(accelerator: str = "auto", cpu_threads: int = 1, accel_threads: int = 1,
+               shared: "SharedWeights | None" = None) -> dict[str, Lane]:
+    """{"cpu": Lane[, "accel": Lane]}; CPU-backed lanes with equal thread counts share sessions, and
+    all CPU-backed lanes read ``shared`` weights (the model's) if given."""
     pool: dict = {}
-    lanes = {"cpu": Lane("cpu", CPU, cpu_threads, pool)}
+    lanes = {"cpu": Lane("cpu", CPU, cpu_threads, pool, shared)}
     device = choose_accelerator(accelerator)
     if device is not None:
-        lanes["accel"] = Lane("accel", device, accel_threads, pool)
+        lanes["accel"] = Lane("accel", device, accel_threads, pool, shared)
     return lanes
 
 

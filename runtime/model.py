@@ -14,6 +14,7 @@ from edge.errors import BundleError, PromptError
 from .bundle import Bundle, check_session_io, open_bundle
 from .kv_cache import KVCache
 from .sampling import Sampler, SamplingParams
+from .shared_weights import SharedWeights, trim_heap
 from .tokenizer import Tokenizer, check_text
 
 
@@ -28,11 +29,13 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 class Model:
     def __init__(self, bundle: Bundle, threads: int = 0, plan: str | None = None, accelerator: str = "auto",
-                 lane_threads: int = 1):
+                 lane_threads: int = 1, share_weights: bool = True):
         """``plan``: prefill plan, "fused" (one graph per chunk) or "split" (per-layer subgraphs on a
         CPU lane and an accelerator lane, out of order); None = the bundle's default (fused).
         ``accelerator`` (split only): "auto" | "none" | a name from runtime.lanes.list_devices();
-        ``lane_threads``: onnxruntime threads of each CPU-backed lane."""
+        ``lane_threads``: onnxruntime threads of each CPU-backed lane. ``share_weights``: the embed,
+        prefill and decode sessions read one memory map of the weights (runtime/shared_weights.py)
+        instead of a copy each."""
         self.bundle = bundle
         m = bundle.manifest
         self.plan = plan or m.plans.default
@@ -41,12 +44,14 @@ class Model:
         self.config, self.chunk_length, self.max_context = m.model, m.chunk_length, m.max_context
         self.tokenizer = Tokenizer(bundle.file(m.tokenizer["file"]), m.tokenizer.get("chat_template"))
         so = session_options(threads)
+        self.shared_weights = SharedWeights(bundle.path) if share_weights else None
         self.sessions: dict[str, ort.InferenceSession] = {}
         for role in ("embed", "decode") + (("prefill",) if self.plan == "fused" else ()):
             spec = m.graphs[role]
             path = bundle.file(spec.file)
+            role_so = self.shared_weights.session_options(path, so) if self.shared_weights else so
             try:
-                sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+                sess = ort.InferenceSession(str(path), role_so, providers=["CPUExecutionProvider"])
             except Exception as e:  # onnxruntime raises its own types; name the file
                 raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from None
             check_session_io(sess, spec, str(path))
@@ -65,7 +70,8 @@ class Model:
             from .lanes import make_lanes
             from .split_prefill import SplitPrefill
 
-            self.split = SplitPrefill(bundle, make_lanes(accelerator, lane_threads, lane_threads))
+            self.split = SplitPrefill(bundle, make_lanes(accelerator, lane_threads, lane_threads, self.shared_weights))
+        trim_heap()  # what building the sessions freed
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int = 0, verify_hashes: bool = True, **kwargs) -> "Model":

@@ -118,8 +118,8 @@ def _walk(buf, kind: str, start: int, stop: int, depth: int, out: list[tuple[str
             _walk(buf, child, s, e, depth + 1, out)
 
 
-def external_data_refs(path: str | Path) -> list[tuple[str, str]]:
-    """(tensor name, location) for every tensor of the ONNX file that names an external file."""
+def read_graph_file(path: str | Path, scan):
+    """``scan(buffer, size)`` over the memory-mapped ONNX file; malformed input -> BundleError."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -127,14 +127,27 @@ def external_data_refs(path: str | Path) -> list[tuple[str, str]]:
             if size == 0:
                 raise BundleError(f"{path}: cannot load this graph: empty file, not ONNX")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                out: list[tuple[str, str]] = []
                 view = memoryview(mm)
                 try:
-                    _walk(view, "model", 0, size, 0, out)
+                    return scan(view, size)
                 finally:
                     view.release()
-                return out
     except _Malformed as e:
         raise BundleError(f"{path}: cannot load this graph: not a valid ONNX protobuf ({e})") from None
     except OSError as e:
         raise BundleError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def external_data_refs(path: str | Path) -> list[tuple[str, str]]:
+    """(tensor name, location) for every tensor of the ONNX file that names an external file."""
+
+    def scan(view, size: int) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        _walk(view, "model", 0, size, 0, out)
+        return out
+
+    return read_graph_file(path, scan)
+
+
+# the wire-format readers, for other scanners of graph files (runtime.shared_weights)
+Malformed, fields, varint, text = _Malformed, _fields, _varint, _text

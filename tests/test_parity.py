@@ -65,7 +65,8 @@ def test_chunked_prefill_matches_one_pass(zoo, name, chunk):
 def test_last_row_prefill_equals_all_rows(zoo, n):
     """The prefill graph reads only the cache rows below ``start`` (dynamic past) and computes logits
     only for the rows asked for (``logits_rows``): generation's last-row prefill, whose earlier
-    chunks ask for no rows at all, equals the all-rows prefill's last row, bit for bit."""
+    chunks ask for no rows at all, equals the all-rows prefill's last row (to rounding: a one-row
+    output projection may sum in another order than an n-row one) and writes the same cache."""
     model = zoo.model("llama", 16)
     past = {t.name: t.shape for t in model.bundle.manifest.graphs["prefill"].inputs}
     assert isinstance(past["past_key_0"][0], str) and "logits_rows" in past
@@ -74,7 +75,7 @@ def test_last_row_prefill_equals_all_rows(zoo, n):
     full = model.prefill(model.embed(ids), c_all, all_logits=True)
     last = model.prefill(model.embed(ids), c_last)
     assert full.shape == (n, VOCAB) and last.shape == (VOCAB,)
-    np.testing.assert_array_equal(last, full[-1])
+    np.testing.assert_allclose(last, full[-1], atol=1e-5, rtol=0)
     np.testing.assert_array_equal(c_last.keys, c_all.keys)
 
 
