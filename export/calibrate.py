@@ -138,18 +138,17 @@ def instrumented_prefill(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], 
     return model, {x: tuple(v) for x, v in groups.items()}
 
 
-def calibrate(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], ids: Sequence[int], tokens: int = 32768,
-              window: int = 512, chunk: int = 128, threads: int = 0, progress: Progress | None = None) -> Calibration:
-    """Statistics of every linear input over ``tokens`` tokens of ``ids``, in fresh-context windows
-    of ``window`` tokens (each window starts like a prompt does: its first token is where the
-    largest activations appear, so a calibration without window starts would miss them)."""
+def calibrate(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], windows: Sequence[Sequence[int]],
+              chunk: int = 128, threads: int = 0, progress: Progress | None = None) -> Calibration:
+    """Statistics of every linear input over the token ``windows``, each run as a fresh context
+    (each starts like a prompt does: its first tokens are where the largest activations appear,
+    so a calibration without window starts would miss them)."""
     from runtime.kv_cache import KVCache
     from runtime.model import session_options
 
     progress = progress or Progress(enabled=False)
-    window = max(chunk, window - window % chunk)
-    ids = list(ids)[:tokens]
-    wins = [ids[i:i + window] for i in range(0, len(ids), window)]
+    wins = [list(w) for w in windows if len(w)]
+    window = -(-max(map(len, wins)) // chunk) * chunk
     with tempfile.TemporaryDirectory(prefix="edge-calib-") as tmp:
         store = WeightStore()
         model, groups = instrumented_prefill(cfg, weights, store, chunk, window)

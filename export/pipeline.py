@@ -70,8 +70,8 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
 
     plan, calib_record = None, None
     if quant.quantized:
-        plan, cal = plan_for_export(cfg, weights, source.tokenizer_json, options, quant, calibration, progress,
-                                    calibrated)
+        plan, cal = plan_for_export(cfg, weights, source.tokenizer_json, source.chat_template, options, quant,
+                                    calibration, progress, calibrated)
         calib_record = {"text": calibration.label, "tokens": cal.tokens, "window": calibration.window}
 
     with progress.stage(f"building graphs (chunk {options.chunk_length}, context {options.max_context})"):

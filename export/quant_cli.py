@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help=f"calibration tokens ({CALIB_TOKENS})")
     q.add_argument("--calib-window", type=int, default=CALIB_WINDOW,
                    help=f"calibration window, each a fresh context ({CALIB_WINDOW})")
+    q.add_argument("--calib-chats", action="store_true",
+                   help="run every other calibration window as a chat in the model's template (measured "
+                        "worse on SmolLM2, see docs/quantization.md; off by default)")
     q.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS,
                    help=f"held-out tokens for the accuracy report ({EVAL_TOKENS})")
     q.add_argument("--no-accuracy-report", action="store_true",
@@ -64,5 +67,6 @@ def from_args(args: argparse.Namespace) -> tuple[QuantOptions, CalibrationSpec, 
             text, label = args.calib.read_text(encoding="utf-8"), str(args.calib)
         except (OSError, UnicodeDecodeError) as e:
             raise EdgeError(f"{args.calib}: cannot read as UTF-8 text ({e})") from None
-    calib = CalibrationSpec(text=text, tokens=args.calib_tokens, window=args.calib_window, label=label)
+    calib = CalibrationSpec(text=text, tokens=args.calib_tokens, window=args.calib_window, label=label,
+                            chats=args.calib_chats)
     return quant, calib, AccuracySpec(enabled=not args.no_accuracy_report, tokens=args.eval_tokens, window=EVAL_WINDOW)

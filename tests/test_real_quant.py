@@ -1,7 +1,7 @@
 """The real SmolLM2-135M exported W8A8 (static int8 activations + float side path for hot
 channels, int8 decode): it still answers, its held-out perplexity stays close to float, its
-bundle is small. A reduced budget (8k calibration tokens, 2k held-out tokens) keeps it to a few
-minutes on 2 cores; the full figures (32k / 8k) are in the issue's report."""
+bundle is small, its decode head is fused. A reduced budget (8k calibration tokens, 2k held-out
+tokens) keeps it to about 80 s on 2 cores; the full figures (32k / 8k) are in docs/quantization.md."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import pytest
 
 pytestmark = pytest.mark.real
 
-# measured at this budget: about +1.5% (the default export: about +1.0% over 8192 tokens);
-# plain per-tensor static int8 is +58% and the bound would catch a broken side path or smoothing
-MAX_CHANGE_PERCENT = 3.0
+# measured at this budget (2026-11-23): W8A8 +0.02% (float 8.520, quantized 8.521 over 2048 tokens),
+# decode int8 -0.50%, hot channels 0.4995%; the default export (32k calibration, 8192 held-out
+# tokens) reads +0.40% / +0.37% (docs/quantization.md). Plain static per-tensor int8 is +58% and
+# w8a8-nooutliers +3.3%, so the issue's 1% bound still catches a broken side path or smoothing.
+MAX_CHANGE_PERCENT = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,23 @@ def test_quantized_smollm2_answers_paris(w8a8):
                         "--max-new-tokens", "24"], capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_quantized_smollm2_decode_head_is_fused(w8a8, tmp_path):
+    """The tied int8 output projection of the decode graph runs as MatMulNBits: nothing is
+    dequantized per step (unfused: 46 ms/step instead of 9 on 2 threads)."""
+    import onnx
+    import onnxruntime as ort
+
+    from runtime.model import session_options
+
+    out, _ = w8a8
+    so = session_options(2)
+    so.optimized_model_filepath = str(tmp_path / "decode_opt.onnx")
+    ort.InferenceSession(str(out / "decode.onnx"), so, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(str(tmp_path / "decode_opt.onnx"), load_external_data=False).graph.node
+    assert [n.op_type for n in nodes if n.name == "model.embed_tokens"] == ["MatMulNBits"]
+    assert "DequantizeLinear" not in {n.op_type for n in nodes}
 
 
 def test_quantized_smollm2_perplexity_and_budget(w8a8):

@@ -63,13 +63,12 @@ class DecoderGraph:
         return self.emit_linear(g, x, name, self.w[name + ".weight"], b)
 
     def rms_norm(self, g: GraphBuilder, x: str, name: str) -> str:
-        sq = g.op("Mul", [x, x], name=f"{name}/square")
-        ms = g.op("ReduceMean", [sq], name=f"{name}/mean", axes=[-1], keepdims=1)
-        eps = g.const("rms_eps", np.array(self.cfg.rms_norm_eps, np.float32))
-        inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [ms, eps], name=f"{name}/add_eps")], name=f"{name}/sqrt")],
-                   name=f"{name}/rsqrt")
-        normed = g.op("Mul", [x, inv], name=f"{name}/normalize")
-        return g.op("Mul", [normed, g.weight(name + ".weight", self.w[name + ".weight"])], name=f"{name}/scale")
+        """x / sqrt(mean(x^2) + eps) * w as one node: SimplifiedLayerNormalization
+        (onnxruntime's RMSNorm kernel, default domain; QNN maps it too). Seven
+        elementwise nodes would cost a launch each on every decode step."""
+        return g.op("SimplifiedLayerNormalization", [x, g.weight(name + ".weight", self.w[name + ".weight"])],
+                    name=f"{name}/rms_norm", axis=-1, epsilon=float(self.cfg.rms_norm_eps),
+                    stash_type=1)
 
     def rope(self, g: GraphBuilder, x: str, cos: str, sin: str, name: str) -> str:
         """x [C, heads, head_dim], cos/sin [C, 1, head_dim/2]; rotate-half convention of HF."""

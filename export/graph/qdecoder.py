@@ -2,6 +2,13 @@
 
 When the token table is tied to the output projection, both read the same int8 rows, so a
 quantized bundle holds the 49k x 576 table once, at a quarter of its float size.
+
+The output projection is Transpose(DQ(int8 rows)) -> MatMul like every other int8 linear; in the
+decode graph (float activations) onnxruntime turns it into an 8-bit MatMulNBits at load time. That
+fusion needs the DequantizeLinear's scale tensor to itself: the lookup reads its own copy of the
+row scales (qlinear.gather_int8_rows). With one shared scale tensor the head stays unfused and
+dequantizes the whole table on every step: SmolLM2 decode 46 ms/step instead of 9 ms
+(tests/test_quant.py::test_decode_head_reads_the_token_table_and_fuses guards it).
 """
 
 from __future__ import annotations
