@@ -162,10 +162,10 @@ def manifest_record(quant: QuantOptions, plan: QuantPlan | None, calib: dict | N
     rec: dict[str, Any] = {"prefill": quant.prefill, "decode": quant.decode}
     if plan is not None:
         rec.update({
-            "weights": "int8, symmetric, one scale per output channel (HF [out, in] rows)",
+            "weights": "int8, symmetric, one scale per output channel, stored transposed [in, out] (DequantizeLinear axis 1)",
             "activations": "static per-tensor symmetric QDQ, uint8 zero point 128; bits 16 = two int8 passes "
                            "(hi = QDQ(x, scale), lo = QDQ(x - hi, scale / 254)), each its own int8 GEMM",
-            "token_table": "int8 rows, one scale per token (shared with the output projection when tied)",
+            "token_table": "int8, one scale per token, stored [hidden, vocab] (the output projection's tensor when tied)",
             "options": {"outliers": quant.outliers, "outlier_layers": quant.outlier_layers,
                         "hot_budget": quant.hot_budget, "smooth": quant.smooth, "act16": list(quant.act16),
                         "float_linears": quant.float_groups},
@@ -175,7 +175,7 @@ def manifest_record(quant: QuantOptions, plan: QuantPlan | None, calib: dict | N
         rec["decode_weights"] = ({"scheme": "int4", "block": quant.block, "form": "MatMulNBits bits=4, zero point 0, "
                                   "plus per-block offset (w = scale * q + offset, GGUF Q4_1's form)",
                                   "accuracy_level": INT4_ACCURACY_LEVEL} if quant.decode == "int4" else
-                                 {"scheme": "int8", "form": "DequantizeLinear -> MatMul on the prefill's int8 rows"})
+                                 {"scheme": "int8", "form": "DequantizeLinear -> MatMul on the prefill's int8 weights"})
     if calib:
         rec["calibration"] = calib
     return rec

@@ -4,7 +4,7 @@ Forms (``--vision-weights``, recorded as ``vision.linear_weights`` in the manife
 - ``fp32``: float Gemm, as transformers computes it.
 - ``int8``: weight-only, symmetric, one scale per output channel (edge.quant.quantize_weight_int8);
   the int8 tensors replace the float ones in weights.bin (about 1/4 of the size). Emitted as
-  qlinear's DQ -> Transpose -> MatMul: literally, float activations times the dequantized weights
+  qlinear's DQ -> MatMul: literally, float activations times the dequantized weights
   (``int8_np_linear``). onnxruntime's CPU EP (1.32, default optimizations) fuses each into an 8-bit
   MatMulNBits with accuracy_level 4, which also quantizes the activations on the fly: int8,
   symmetric, one scale per row and block of 32 input channels (``matmulnbits_np_linear``

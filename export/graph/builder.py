@@ -33,6 +33,7 @@ class WeightStore:
         self.file_name = file_name
         self._arrays: dict[str, np.ndarray] = {}
         self._offsets: dict[str, int] = {}
+        self._aliases: dict[str, str] = {}
         self._size = 0
 
     def add(self, name: str, array: np.ndarray) -> str:
@@ -47,17 +48,26 @@ class WeightStore:
         self._size += array.nbytes
         return name
 
+    def alias(self, name: str, of: str) -> str:
+        """A second initializer name for the bytes of ``of`` (stored once). onnxruntime fuses
+        DQ -> MatMul into MatMulNBits only when no other node reads the int8 weight; a token
+        lookup of the same table reads it under its own name."""
+        if self._aliases.setdefault(name, of) != of or name in self._arrays:
+            raise ValueError(f"weight alias {name!r} already names another tensor")
+        return name
+
     def get(self, name: str) -> np.ndarray | None:
         return self._arrays.get(name)
 
     def tensor_proto(self, name: str) -> TensorProto:
-        a = self._arrays[name]
+        stored = self._aliases.get(name, name)
+        a = self._arrays[stored]
         t = TensorProto()
         t.name = name
         t.data_type = _ONNX_DTYPE[a.dtype]
         t.dims.extend(a.shape)
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.file_name), ("offset", str(self._offsets[name])), ("length", str(a.nbytes))):
+        for k, v in (("location", self.file_name), ("offset", str(self._offsets[stored])), ("length", str(a.nbytes))):
             e = t.external_data.add()
             e.key, e.value = k, v
         return t
@@ -104,6 +114,13 @@ class GraphBuilder:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         self.store.add(name, array)
+        if name not in self._weights:
+            self._weights.append(name)
+        return name
+
+    def weight_alias(self, name: str, of: str) -> str:
+        """``name`` reads the stored bytes of weight ``of`` (see WeightStore.alias)."""
+        self.store.alias(name, of)
         if name not in self._weights:
             self._weights.append(name)
         return name

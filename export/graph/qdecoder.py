@@ -3,7 +3,7 @@
 When the token table is tied to the output projection, both read the same int8 rows, so a
 quantized bundle holds the 49k x 576 table once, at a quarter of its float size.
 
-The output projection is Transpose(DQ(int8 rows)) -> MatMul like every other int8 linear; in the
+The output projection is DQ(int8 table^T) -> MatMul like every other int8 linear; in the
 decode graph (float activations) onnxruntime turns it into an 8-bit MatMulNBits at load time. That
 fusion needs the DequantizeLinear's scale tensor to itself: the lookup reads its own copy of the
 row scales (qlinear.gather_int8_rows). With one shared scale tensor the head stays unfused and

@@ -1,16 +1,18 @@
 """Quantized linear emitters (see decoder.LinearEmitter) and the int8 token table.
 
 Forms, each checked against onnxruntime 1.32 on x86 (AVX-512 VNNI). Every int8 weight is stored
-once, in the HF layout W[out, in] with one scale per row, and read as Transpose(DQ(W)):
-- W8A8 static (prefill): Q/DQ(x, uint8 zp 128) -> MatMul <- Transpose(DQ(int8 W)); onnxruntime
-  folds the Transpose and fuses the rest into MatMulIntegerToFloat (~3x faster than fp32 at
-  128x576x1536). 16-bit activations are two int8 passes (hi + lo residual) on the same weights.
+once, transposed to the MatMul layout W^T[in, out] with one scale per output column, and read as
+DQ(W^T, axis=1). (The HF layout read through a Transpose node made onnxruntime's constant folding
+build a float copy of each weight at load: W8A8 SmolLM2 peaked near 2 GB.)
+- W8A8 static (prefill): Q/DQ(x, uint8 zp 128) -> MatMul <- DQ(int8 W^T); onnxruntime fuses it
+  into MatMulIntegerToFloat (~3x faster than fp32 at 128x576x1536). 16-bit activations are two
+  int8 passes (hi + lo residual) on the same weights.
 - shadow outliers: Gather(x, hot) - Clip(., lo, hi) -> small float MatMul -> Add.
 - int8 weight-only (decode): the same tensors with float x; onnxruntime turns it into an 8-bit
   MatMulNBits (~4x faster than fp32 for one token).
 - int4 (decode): MatMulNBits(q, scale, zero point 0) + a block-sum correction for the offset,
   i.e. GGUF Q4_1's w = d*q + m exactly (MatMulNBits' float zero points run 20x slower).
-- a tied token table is the same int8 rows: the lookup gathers rows and row scales.
+- a tied token table is the same int8 tensor: the lookup gathers columns and their scales.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ class ScopedStore:
             self._keys[name] = self.base.add(name if same else f"{self.scope}/{name}", array)
         return name
 
+    def alias(self, name: str, of: str) -> str:
+        target = self._keys[of]
+        if name not in self._keys:
+            self._keys[name] = self.base.alias(name if target == of else f"{self.scope}/{name}", target)
+        return name
+
     def tensor_proto(self, name: str):
         t = self.base.tensor_proto(self._keys[name])
         t.name = name
@@ -71,16 +79,16 @@ def act_qdq(g: GraphBuilder, x: str, aq: ActQuant) -> list[str]:
 
 
 def int8_rows(g: GraphBuilder, name: str, weight: np.ndarray) -> tuple[str, str]:
+    """W[out, in] -> stored int8 W^T[in, out] and its per-output scales [out]."""
     q, scale = quantize_weight_int8(weight)
-    return g.weight(name + ".w8", q), g.weight(name + ".w8_scale", scale)
+    return g.weight(name + ".w8", np.ascontiguousarray(q.T)), g.weight(name + ".w8_scale", scale)
 
 
 def int8_weight(g: GraphBuilder, name: str, rows: tuple[str, str], n_out: int, tag: str = "") -> str:
-    """[in, out] float view of the int8 rows: Transpose(DQ(int8 W[out, in], per row)). One per
-    consumer MatMul (``tag``): onnxruntime fuses a Q/DQ group only where each DQ feeds one node."""
+    """[in, out] float view of the stored int8 W^T: DQ(axis=1). One per consumer MatMul (``tag``):
+    onnxruntime fuses a Q/DQ group only where each DQ feeds one node."""
     zero = g.weight(name + ".w8_zero", np.zeros(n_out, np.int8))  # the QDQ/MatMulNBits fusions want it
-    w = g.op("DequantizeLinear", [*rows, zero], name=f"{name}/w_dq{tag}", axis=0)
-    return g.op("Transpose", [w], name=f"{name}/w_t{tag}", perm=[1, 0])
+    return g.op("DequantizeLinear", [*rows, zero], name=f"{name}/w_dq{tag}", axis=1)
 
 
 def outlier_side_path(g: GraphBuilder, x: str, name: str, weight: np.ndarray, lq: LinearQuant) -> str:
@@ -191,13 +199,16 @@ DECODE_EMITTERS: dict[str, Callable[..., LinearEmitter]] = {
 
 
 def gather_int8_rows(g: GraphBuilder, ids: str, name: str, table: np.ndarray) -> str:
-    """Token lookup in the int8 table (rows and row scales gathered, then multiplied)."""
+    """Token lookup [1, n] -> [1, n, H] in the int8 table, stored like every int8 weight as
+    table^T [H, vocab] (so a tied output projection reads the same tensor): gather columns and
+    their scales, then multiply."""
     rows_q, scale = quantize_weight_int8(table)
-    q = g.weight(name + ".w8", rows_q)
+    q = g.weight_alias(name + ".w8_lookup", g.weight(name + ".w8", np.ascontiguousarray(rows_q.T)))
     # its own copy of the row scales (196 KB for 49k tokens): a scale tensor shared with the output
     # projection's DequantizeLinear stops onnxruntime from fusing that one into MatMulNBits
     s = g.weight(name + ".row_scale", scale)
-    rows = g.op("Cast", [g.op("Gather", [q, ids], name=name + "/gather_q", axis=0)], name=name + "/cast", to=1)
+    cols = g.op("Gather", [q, ids], name=name + "/gather_q", axis=1)  # [H, 1, n]
+    rows = g.op("Cast", [g.op("Transpose", [cols], name=name + "/to_rows", perm=[1, 2, 0])], name=name + "/cast", to=1)
     scales = g.op("Unsqueeze", [g.op("Gather", [s, ids], name=name + "/gather_scale", axis=0),
                                 g.const("axis_last", np.array([-1], np.int64))], name=name + "/scale_col")
     return g.op("Mul", [rows, scales], name=name + "/dequant")
