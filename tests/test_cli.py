@@ -19,9 +19,19 @@ TEXT = ("The quick brown fox jumps over the lazy dog. " * 4 + "In the beginning 
 @pytest.fixture(scope="module")
 def exported(zoo, cli, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "bundle"
-    r = cli("export.cli", zoo.folder("llama"), "-o", out, "--chunk", "16", "--context", str(CONTEXT))
+    r = cli("export.cli", zoo.folder("llama"), "-o", out, "--chunk", "16", "--context", str(CONTEXT), "--quant", "fp32")
     assert r.returncode == 0, r.stderr
     return out, r
+
+
+def test_export_default_is_w8a8_with_an_accuracy_report(zoo, cli, tmp_path):
+    r = cli("export.cli", zoo.folder("llama"), "-o", tmp_path / "d", "--chunk", "16", "--context", "64",
+            "--eval-tokens", "256")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["quantization"]["prefill"] == "w8a8" and manifest["quantization"]["decode"] == "int8"
+    assert "[1/5]" in r.stderr and "calibrating" in r.stderr and "held-out perplexity" in r.stderr
+    assert manifest["quantization"]["accuracy"]["tokens"] == 256
 
 
 def assert_clean_failure(r, *words):

@@ -40,7 +40,8 @@ def child_env(**extra) -> dict:
 
 
 def cli_args(folder: Path, out: str, opts: dict = NEW) -> list[str]:
-    return [str(folder), "-o", out, "--chunk", str(opts["chunk"]), "--context", str(opts["context"]), "--quiet"]
+    return [str(folder), "-o", out, "--chunk", str(opts["chunk"]), "--context", str(opts["context"]),
+            "--quant", "fp32", "--quiet"]
 
 
 @pytest.fixture(scope="module")

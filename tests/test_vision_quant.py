@@ -56,7 +56,7 @@ class Bundles:
                      Progress(enabled=False))
         self.int8 = root / "b-int8"  # through the CLI flag
         assert export_main([str(self.folder), "-o", str(self.int8), "--chunk", str(CHUNK), "--context", str(CONTEXT),
-                            "--plans", "fused", "--vision-weights", "int8", "--quiet"]) == 0
+                            "--plans", "fused", "--quant", "fp32", "--vision-weights", "int8", "--quiet"]) == 0
         self.models = {"fp32": Model.load(self.float, threads=1), "int8": Model.load(self.int8, threads=1)}
         src = load_source(self.folder)
         fam = family_for(src.architecture)
