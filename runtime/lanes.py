@@ -135,6 +135,9 @@ class Lane:
 
     def options(self) -> ort.SessionOptions:
         so = session_options(self.threads)
+        # No per-session arena: a split plan opens ~240 small sessions and each arena would keep its
+        # own peak. SmolLM2 W8A8, 1024-token prompt: peak RSS 2,358 -> 835 MiB, same speed.
+        so.enable_cpu_mem_arena = False
         if self.device.name == "qnn":
             # everything or nothing: a graph the NPU cannot run fully is an error, not a silent CPU run
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")

@@ -54,6 +54,8 @@ def test_cpu_lanes_share_sessions(zoo):
     path = zoo.bundle("llama", CHUNK) / "split.act.onnx"
     assert lanes["cpu"].session(path) is lanes["accel"].session(path)
     assert lanes["accel"].submit(lambda: 41 + 1).result() == 42  # the lane's own worker thread
+    # many small sessions: none keeps an arena of its own (peak memory, see Lane.options)
+    assert lanes["cpu"].session(path).get_session_options().enable_cpu_mem_arena is False
     for lane in lanes.values():
         lane.close()
 
