@@ -33,10 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _multimodal(model: str) -> bool:
+    from .families import family_for
+    from .sources import peek_architecture
+
+    arch = peek_architecture(model)
+    try:
+        return arch is not None and family_for(arch).vision is not None
+    except EdgeError:
+        return False  # unsupported: export_model says so
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .pipeline import export_model
 
+    args.quant = quant_cli.resolve_scheme(args.quant, _multimodal(args.model))
     try:
         options = ExportOptions(chunk_length=args.chunk, max_context=args.context,
                                 plans=tuple(p.strip() for p in args.plans.split(",") if p.strip()),

@@ -14,10 +14,12 @@ from .quantize import DECODE_SCHEMES, PREFILL_SCHEMES, QuantOptions
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     q = p.add_argument_group("quantization")
-    q.add_argument("--quant", choices=PREFILL_SCHEMES, default="w8a8",
-                   help="prefill linears: w8a8 (the default: int8 weights, static int8 activations, float side "
-                        "path for outlier channels; calibrates first, a few minutes for SmolLM2-135M on 2 "
-                        "cores), w8a8-nooutliers (no side path), fp32 (float bundle, no calibration)")
+    q.add_argument("--quant", choices=("auto",) + PREFILL_SCHEMES, default="auto",
+                   help="prefill linears: w8a8 (int8 weights, static int8 activations, float side path for "
+                        "outlier channels; calibrates first, a few minutes for SmolLM2-135M on 2 cores), "
+                        "w8a8-nooutliers (no side path), fp32 (float bundle, no calibration); auto (default): "
+                        "w8a8 for text models, fp32 for vision-language models (calibration is text only: "
+                        "the static activation scales would not have seen image tokens)")
     q.add_argument("--decode-weights", choices=DECODE_SCHEMES, default=None,
                    help="decode linears (float activations): int8 (default when --quant is w8a8*: the "
                         "prefill's own int8 tensors), int4 (MatMulNBits blocks), fp32")
@@ -53,8 +55,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the held-out perplexity measurement at export")
 
 
+def resolve_scheme(quant: str, multimodal: bool) -> str:
+    """--quant auto: w8a8 for text models; fp32 for vision-language ones, whose image tokens the
+    text-only calibration never sees."""
+    return quant if quant != "auto" else ("fp32" if multimodal else "w8a8")
+
+
 def from_args(args: argparse.Namespace) -> tuple[QuantOptions, CalibrationSpec, AccuracySpec]:
-    """Raises ValueError (bad value) or EdgeError (unreadable calibration file)."""
+    """Raises ValueError (bad value) or EdgeError (unreadable calibration file). ``args.quant``
+    must be resolved (resolve_scheme) first."""
     decode = args.decode_weights or ("fp32" if args.quant == "fp32" else "int8")
     act16 = () if args.act16.strip() in ("", "none") else tuple(k.strip() for k in args.act16.split(",") if k.strip())
     quant = QuantOptions(prefill=args.quant, decode=decode, outliers=args.outliers, outlier_layers=args.outlier_layers,

@@ -34,6 +34,13 @@ def test_export_default_is_w8a8_with_an_accuracy_report(zoo, cli, tmp_path):
     assert manifest["quantization"]["accuracy"]["tokens"] == 256
 
 
+def test_quant_auto_resolves_by_model_kind():
+    from export.quant_cli import resolve_scheme
+
+    assert resolve_scheme("auto", multimodal=False) == "w8a8" and resolve_scheme("auto", multimodal=True) == "fp32"
+    assert resolve_scheme("w8a8", multimodal=True) == "w8a8" and resolve_scheme("fp32", multimodal=False) == "fp32"
+
+
 def assert_clean_failure(r, *words):
     assert r.returncode != 0
     assert "error:" in r.stderr

@@ -235,3 +235,14 @@ def test_w8a8_static_activations_calibrated_on_photos(qb):
     cos = embedding_cosines(_run(_session(d / "vision.onnx"), tiles), qb.models["fp32"].vision.encode(tiles))
     print(f"w8a8 chelsea_portrait: cosine mean {cos.mean():.5f} min {cos.min():.5f}")
     assert cos.mean() >= MIN_COSINE
+
+
+@pytest.mark.parametrize("flags, prefill, vision", [((), "fp32", "fp32"), (("--quant", "w8a8"), "w8a8", "int8")])
+def test_cli_default_keeps_vision_language_models_float(qb, tmp_path, flags, prefill, vision):
+    """--quant auto: a vision-language model stays float (its image tokens were never calibrated);
+    an explicit --quant w8a8 still quantizes the decoder and, with it, the vision linears."""
+    out = tmp_path / "b"
+    assert export_main([str(qb.folder), "-o", str(out), "--chunk", str(CHUNK), "--context", str(CONTEXT),
+                        "--plans", "fused", "--eval-tokens", "128", "--calib-tokens", "512", "--quiet", *flags]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["quantization"]["prefill"] == prefill and m["vision"]["linear_weights"] == vision

@@ -36,6 +36,18 @@ class SourceModel:
 ALIASES: dict[str, Callable[[], SourceModel]] = {}
 
 
+def peek_architecture(model: str | Path) -> str | None:
+    """The architecture named by an HF folder's config.json, without loading weights (None for
+    GGUF files, aliases and anything unreadable: load_source reports those properly)."""
+    import json
+
+    config = Path(model) / "config.json"
+    try:
+        return (json.loads(config.read_text(encoding="utf-8")).get("architectures") or [None])[0]
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_source(model: str | Path) -> SourceModel:
     """Resolve MODEL: a built-in alias, a .gguf file, or a Hugging Face folder."""
     from . import gguf_file, hf_folder  # noqa: F401  (register aliases)
