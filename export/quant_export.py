@@ -162,10 +162,12 @@ def manifest_record(quant: QuantOptions, plan: QuantPlan | None, calib: dict | N
     rec: dict[str, Any] = {"prefill": quant.prefill, "decode": quant.decode}
     if plan is not None:
         rec.update({
-            "weights": "int8, symmetric, one scale per output channel, stored transposed [in, out] (DequantizeLinear axis 1)",
+            "weights": "int8, symmetric, one scale per output channel, stored transposed [in, out] "
+                       "(DequantizeLinear axis 1)",
             "activations": "static per-tensor symmetric QDQ, uint8 zero point 128; bits 16 = two int8 passes "
                            "(hi = QDQ(x, scale), lo = QDQ(x - hi, scale / 254)), each its own int8 GEMM",
-            "token_table": "int8, one scale per token, stored [hidden, vocab] (the output projection's tensor when tied)",
+            "token_table": "int8, one scale per token, stored [hidden, vocab] (the output projection's "
+                           "tensor when tied)",
             "options": {"outliers": quant.outliers, "outlier_layers": quant.outlier_layers,
                         "hot_budget": quant.hot_budget, "smooth": quant.smooth, "act16": list(quant.act16),
                         "float_linears": quant.float_groups},

@@ -344,7 +344,8 @@ def test_decode_head_reads_the_token_table_and_fuses(tmp_path):
     """The decode graph's output projection and token lookup read the same int8 rows (stored
     once); onnxruntime must still turn DQ(int8 W) -> MatMul into MatMulNBits (an unfused head
     dequantizes 49k x 576 every step: SmolLM2 decode 46 ms/step instead of 9). Sharing the row-scale
-    tensor between the lookup and the DequantizeLinear is what stops that fusion."""
+    tensor, or the int8 initializer itself, between the lookup and the DequantizeLinear stops that
+    fusion: the lookup reads the same stored bytes under a second name."""
     from export.graph.qdecoder import TABLE
 
     rng = np.random.default_rng(8)
@@ -359,7 +360,10 @@ def test_decode_head_reads_the_token_table_and_fuses(tmp_path):
     g.output(emb, "embeds", F32, None)
     assert [k for k in store._arrays if k.endswith(".w8")] == [TABLE + ".w8"]  # one int8 table for both
     store.write(tmp_path)
-    onnx.save_model(g.build(), str(tmp_path / "m.onnx"))
+    model = g.build()
+    external = {t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer}
+    assert external[TABLE + ".w8_lookup"] == external[TABLE + ".w8"]  # same file, offset and length
+    onnx.save_model(model, str(tmp_path / "m.onnx"))
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")

@@ -1,12 +1,12 @@
 """Decoder graphs with an int8 token table and a quantized output projection.
 
-When the token table is tied to the output projection, both read the same int8 rows, so a
-quantized bundle holds the 49k x 576 table once, at a quarter of its float size.
+When the token table is tied to the output projection, both read the same stored int8 tensor, so
+a quantized bundle holds the 49k x 576 table once, at a quarter of its float size.
 
 The output projection is DQ(int8 table^T) -> MatMul like every other int8 linear; in the
 decode graph (float activations) onnxruntime turns it into an 8-bit MatMulNBits at load time. That
-fusion needs the DequantizeLinear's scale tensor to itself: the lookup reads its own copy of the
-row scales (qlinear.gather_int8_rows). With one shared scale tensor the head stays unfused and
+fusion needs the DequantizeLinear's inputs to itself: the lookup reads the int8 bytes under a
+second initializer name and its own copy of the row scales (qlinear.gather_int8_rows). With one shared scale tensor the head stays unfused and
 dequantizes the whole table on every step: SmolLM2 decode 46 ms/step instead of 9 ms
 (tests/test_quant.py::test_decode_head_reads_the_token_table_and_fuses guards it).
 """
