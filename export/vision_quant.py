@@ -89,9 +89,6 @@ def matmulnbits_np_linear(x: np.ndarray, name: str, w: np.ndarray, b: np.ndarray
     return int8_np_linear(dynamic_block_int8(x), name, w, b)
 
 
-NUMPY_LINEARS: dict[str, NumpyLinear] = {"fp32": float_np_linear, "int8": int8_np_linear}
-
-
 def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
