@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = ExportOptions(chunk_length=args.chunk, max_context=args.context,
                                 plans=tuple(p.strip() for p in args.plans.split(",") if p.strip()),
-                                vision_weights=args.vision_weights or ("fp32" if args.quant == "fp32" else "int8"))
+                                vision_weights=args.vision_weights or quant_cli.weights_for(args.quant))
         quant, calib, accuracy = quant_cli.from_args(args)
     except (ValueError, EdgeError) as e:
         print(f"edge-export: error: {e}", file=sys.stderr)

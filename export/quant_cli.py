@@ -35,9 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="SmoothQuant migration folded into the norms / up_proj: strength searched per "
                         "input (auto), off, or a fixed alpha")
     q.add_argument("--act16", default=",".join(QuantOptions.act16), metavar="KINDS",
-                   help="linears whose input gets 16-bit activations (two int8 passes, hi + lo), comma-separated "
-                        "kinds (q_proj = q/k/v, o_proj, gate_proj = gate/up, down_proj, lm_head) or 'none' "
-                        f"(default {','.join(QuantOptions.act16)})")
+                   help="linears whose input gets 16-bit activations (two int8 passes, hi + lo): 'auto' (the "
+                        "inputs where the second pass lowers the estimated error most per multiply-add, up to "
+                        "--act16-budget), comma-separated kinds (q_proj = q/k/v, o_proj, gate_proj = gate/up, "
+                        f"down_proj, lm_head) or 'none' (default {','.join(QuantOptions.act16)})")
+    q.add_argument("--act16-budget", type=float, default=QuantOptions.act16_budget, metavar="FRACTION",
+                   help="--act16 auto: second passes for at most this fraction of the prefill linears' "
+                        f"multiply-adds ({QuantOptions.act16_budget})")
     q.add_argument("--float-linears", type=int, default=0, metavar="N",
                    help="keep the N linear inputs with the largest estimated error in float (default 0)")
     q.add_argument("--block", type=int, default=32, help="int4 block size (power of two >= 16, default 32)")
@@ -61,13 +65,20 @@ def resolve_scheme(quant: str, multimodal: bool) -> str:
     return quant if quant != "auto" else ("fp32" if multimodal else "w8a8")
 
 
+def weights_for(scheme: str) -> str:
+    """The default int8/fp32 weights of the decode and vision linears: int8 unless the prefill is
+    float (``scheme`` resolved, see resolve_scheme)."""
+    return "fp32" if scheme == "fp32" else "int8"
+
+
 def from_args(args: argparse.Namespace) -> tuple[QuantOptions, CalibrationSpec, AccuracySpec]:
     """Raises ValueError (bad value) or EdgeError (unreadable calibration file). ``args.quant``
     must be resolved (resolve_scheme) first."""
-    decode = args.decode_weights or ("fp32" if args.quant == "fp32" else "int8")
+    decode = args.decode_weights or weights_for(args.quant)
     act16 = () if args.act16.strip() in ("", "none") else tuple(k.strip() for k in args.act16.split(",") if k.strip())
     quant = QuantOptions(prefill=args.quant, decode=decode, outliers=args.outliers, outlier_layers=args.outlier_layers,
-                         hot_budget=args.hot_budget, smooth=args.smooth, act16=act16, float_groups=args.float_linears,
+                         hot_budget=args.hot_budget, smooth=args.smooth, act16=act16, act16_budget=args.act16_budget,
+                         float_groups=args.float_linears,
                          block=args.block)
     if args.calib_tokens < 1 or args.calib_window < 2 or args.eval_tokens < 1:
         raise ValueError("--calib-tokens, --calib-window and --eval-tokens must be positive")

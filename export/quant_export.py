@@ -69,16 +69,11 @@ def calibration_windows(tokenizer_json: str, chat_template: str | None, spec: Ca
     assistant: second half) in the model's own template, as prompts reach the model at runtime: its
     control tokens drive some channels far beyond plain text (x30 at some down_proj inputs of
     SmolLM2), yet the wider ranges this calibrates cost more than they save (see CalibrationSpec)."""
-    import tempfile
-    from pathlib import Path
-
     from runtime.perplexity import default_text, split_text
     from runtime.tokenizer import Tokenizer
 
     text = spec.text if spec.text is not None else split_text(default_text())[0]
-    with tempfile.TemporaryDirectory(prefix="edge-tok-") as tmp:
-        (Path(tmp) / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        tok = Tokenizer(Path(tmp) / "tokenizer.json", chat_template)
+    tok = Tokenizer.from_json_text(tokenizer_json, chat_template)
     ids = tok.encode(text[: spec.tokens * 8], special=False)  # ~4 chars per token: 8 is plenty
     wins, pos, total = [], 0, 0
     while total < spec.tokens and pos < len(ids):
@@ -170,6 +165,7 @@ def manifest_record(quant: QuantOptions, plan: QuantPlan | None, calib: dict | N
                            "tensor when tied)",
             "options": {"outliers": quant.outliers, "outlier_layers": quant.outlier_layers,
                         "hot_budget": quant.hot_budget, "smooth": quant.smooth, "act16": list(quant.act16),
+                        **({"act16_budget": quant.act16_budget} if quant.act16_auto else {}),
                         "float_linears": quant.float_groups},
             **plan.record(),
         })

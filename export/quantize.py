@@ -22,7 +22,9 @@ from .clip_search import Curve, search, weight_error
 
 PREFILL_SCHEMES = ("w8a8", "w8a8-nooutliers", "fp32")
 DECODE_SCHEMES = ("int8", "int4", "fp32")
-AUTO_ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75)
+# strengths above 0.75 win in a few 8-bit groups (gate/up); on SmolLM2 the wider grid measured
+# +0.34% vs +0.42% (default plan) and +0.79% vs +1.10% (--act16 auto, budget 0.25) on 32k held-out tokens
+AUTO_ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.85, 0.95, 1.0)
 LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 AUTO_MAX_HOT = 16  # per group, in auto mode (the global budget is the real limit)
 
@@ -35,11 +37,14 @@ class QuantOptions:
     outlier_layers: float = 1.0  # fraction of groups (most important first) that keep the side path
     hot_budget: float = 0.005  # auto: hot channels <= this fraction of all linear input channels
     smooth: str = "auto"  # "auto" (alpha searched per group) | "off" | an alpha in [0, 1]
-    # linear kinds whose input gets 16-bit activations (two int8 passes): on SmolLM2 the q/k/v and
-    # down_proj inputs are where 8 bits cost most perplexity (+0.55% and most of the rest); o_proj's
-    # (cheap: 576 x 576) tips the near-tie first token of the Paris answer back to float's choice
-    # (held-out ppl +0.46% either way; docs/quantization.md has every variant measured)
+    # linear inputs that get 16-bit activations (two int8 passes), by kind, or ("auto",): the groups
+    # where a second pass lowers the estimated noise-to-signal ratio most per multiply-add, until
+    # they hold ``act16_budget`` of the prefill linears' multiply-adds. On SmolLM2 (512-token
+    # prefill vs float, docs/quantization.md) the default kinds, half the multiply-adds, read +0.36%
+    # ppl at 1.50x; auto 0.25 +0.60% at 1.64x, but +1.49% with 8k calibration tokens (kinds: +0.02%):
+    # the estimate underrates the q/k/v inputs, whose errors reach every attention score
     act16: tuple[str, ...] = ("q_proj", "o_proj", "down_proj")
+    act16_budget: float = 0.25
     float_groups: int = 0  # keep the N groups with the largest estimated error in float
     block: int = 32  # int4 block size (decode)
 
@@ -62,12 +67,19 @@ class QuantOptions:
             if not ok:
                 raise ValueError(f"--smooth must be auto, off or an alpha in [0, 1], got {self.smooth!r}")
         unknown = set(self.act16) - set(LINEAR_KINDS)
-        if unknown:
+        if self.act16_auto:
+            if not 0.0 <= self.act16_budget <= 1.0:
+                raise ValueError(f"--act16-budget must be a fraction in [0, 1], got {self.act16_budget}")
+        elif unknown:
             raise ValueError(f"--act16: unknown linear kind(s) {sorted(unknown)}; choose from {', '.join(LINEAR_KINDS)}")
         if self.block < 16 or self.block & (self.block - 1):
             raise ValueError(f"--block must be a power of two >= 16, got {self.block}")
         if self.float_groups < 0:
             raise ValueError(f"--float-linears must be >= 0, got {self.float_groups}")
+
+    @property
+    def act16_auto(self) -> bool:
+        return self.act16 == ("auto",)
 
     @property
     def quantized(self) -> bool:
@@ -197,12 +209,39 @@ def _allocate(curves: dict[str, dict[float, Curve]], opts: QuantOptions, channel
     return alloc
 
 
+def _group_macs(cal: Calibration, key: str, weights: Mapping[str, np.ndarray]) -> int:
+    """Multiply-adds per prefill token of the group's linears (the output projection: none, as
+    prefill computes only the logit rows that are read)."""
+    return sum(0 if n == HEAD else int(weights[n + ".weight"].size) for n in cal.groups[key])
+
+
+def _auto_bits(cal: Calibration, weights: Mapping[str, np.ndarray], opts: QuantOptions, head_dim: int,
+               channels: int) -> tuple[dict[str, int], dict[str, dict[float, Curve]]]:
+    """--act16 auto: 16 bits for the groups whose second pass lowers the estimated noise-to-signal
+    ratio most per multiply-add, while their multiply-adds stay within ``act16_budget`` of all."""
+    keys = list(cal.groups)
+    c8 = {k: _curves(cal, k, weights, opts, 8, head_dim) for k in keys}
+    c16 = {k: _curves(cal, k, weights, opts, 16, head_dim) for k in keys}
+    alloc = _allocate(c8, opts, channels)  # the hot channels 8 bits everywhere would get
+    best = lambda cs, k: min(c.nsr(alloc[k]) for c in cs[k].values())  # noqa: E731
+    macs = {k: _group_macs(cal, k, weights) for k in keys}
+    left = opts.act16_budget * sum(macs.values())
+    bits = dict.fromkeys(keys, 8)
+    for k in sorted((k for k in keys if macs[k]), key=lambda k: -(best(c8, k) - best(c16, k)) / macs[k]):
+        if macs[k] <= left:
+            bits[k], left = 16, left - macs[k]
+    return bits, {k: (c16 if bits[k] == 16 else c8)[k] for k in keys}
+
+
 def plan_quantization(cal: Calibration, weights: Mapping[str, np.ndarray], opts: QuantOptions,
                       head_dim: int) -> QuantPlan:
     keys = list(cal.groups)
     channels = sum(len(cal.stats[k].absmax) for k in keys)
-    bits = {k: 16 if any(n.rsplit(".", 1)[-1] in opts.act16 for n in cal.groups[k]) else 8 for k in keys}
-    curves = {k: _curves(cal, k, weights, opts, bits[k], head_dim) for k in keys}
+    if opts.act16_auto:
+        bits, curves = _auto_bits(cal, weights, opts, head_dim, channels)
+    else:
+        bits = {k: 16 if any(n.rsplit(".", 1)[-1] in opts.act16 for n in cal.groups[k]) else 8 for k in keys}
+        curves = {k: _curves(cal, k, weights, opts, bits[k], head_dim) for k in keys}
     alloc = _allocate(curves, opts, channels)
     chosen, importance = {}, {}
     for k in keys:

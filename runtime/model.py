@@ -42,7 +42,8 @@ class Model:
         if self.plan not in m.plans.names:
             raise BundleError(f"{bundle.path}: no prefill plan {self.plan!r} in this bundle (has {', '.join(m.plans.names)})")
         self.config, self.chunk_length, self.max_context = m.model, m.chunk_length, m.max_context
-        self.tokenizer = Tokenizer(bundle.file(m.tokenizer["file"]), m.tokenizer.get("chat_template"))
+        self.tokenizer = Tokenizer(bundle.file(m.tokenizer["file"]), m.tokenizer.get("chat_template"),
+                                   manifest={"model": m.model.to_dict(), "tokenizer": m.tokenizer})
         so = session_options(threads)
         self.shared_weights = SharedWeights(bundle.path) if share_weights else None
         self.sessions: dict[str, ort.InferenceSession] = {}

@@ -75,10 +75,11 @@ def special_tokens_from_manifest(manifest: Mapping[str, Any], tok: _HFTokenizer)
 _BYTE_TOKEN_RE = re.compile("<0x[0-9A-Fa-f]{2}>")
 
 
-def _byte_fallback(tokenizer_json: Path) -> bool:
+def _byte_fallback(tokenizer_json: str) -> bool:
+    """The model's ``byte_fallback`` flag (the tokenizers library does not expose it)."""
     try:
-        model = json.loads(Path(tokenizer_json).read_text(encoding="utf-8")).get("model") or {}
-    except (OSError, ValueError, AttributeError):
+        model = json.loads(tokenizer_json).get("model") or {}
+    except (ValueError, AttributeError):
         return False
     return bool(isinstance(model, dict) and model.get("byte_fallback"))
 
@@ -111,23 +112,42 @@ def check_text(text: object, what: str = "prompt") -> str:
 
 class Tokenizer:
     def __init__(self, tokenizer_json: Path, chat_template: str | None,
-                 special_tokens: Mapping[str, str] | None | object = _FROM_MANIFEST):
+                 special_tokens: Mapping[str, str] | None | object = _FROM_MANIFEST,
+                 manifest: Mapping[str, Any] | None = None):
         """``special_tokens``: the chat template's ``bos_token``, ``eos_token``, ... texts; by default
-        read from the manifest of the bundle ``tokenizer_json`` belongs to (see
-        ``special_tokens_from_manifest``); None or {} = none."""
+        taken from ``manifest`` (the bundle's, already parsed) or else read from the manifest of the
+        bundle ``tokenizer_json`` belongs to (see ``special_tokens_from_manifest``); None or {} = none."""
         try:
-            self._tok = _HFTokenizer.from_file(str(tokenizer_json))
+            text = Path(tokenizer_json).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BundleError(f"{tokenizer_json}: cannot read ({e})") from None
+        if special_tokens is _FROM_MANIFEST and manifest is None:
+            manifest = _sibling_manifest(tokenizer_json)
+        self._load(text, str(tokenizer_json), chat_template, special_tokens, manifest or {})
+
+    @classmethod
+    def from_json_text(cls, tokenizer_json: str, chat_template: str | None,
+                       special_tokens: Mapping[str, str] | None = None) -> "Tokenizer":
+        """From the text of a tokenizer.json (a source being exported has no bundle yet)."""
+        tok = cls.__new__(cls)
+        tok._load(tokenizer_json, "tokenizer.json", chat_template, special_tokens, {})
+        return tok
+
+    def _load(self, text: str, origin: str, chat_template: str | None,
+              special_tokens: Mapping[str, str] | None | object, manifest: Mapping[str, Any]) -> None:
+        try:
+            self._tok = _HFTokenizer.from_str(text)
             # A second instance that reads special-token text in user content as plain text. (The
             # flag is per tokenizer object, so two objects rather than toggling: thread-safe.)
-            self._plain = _HFTokenizer.from_file(str(tokenizer_json))
+            self._plain = _HFTokenizer.from_str(text)
             self._plain.encode_special_tokens = True
         except Exception as e:  # tokenizers raises plain Exception subclasses
-            raise BundleError(f"{tokenizer_json}: not a valid tokenizers JSON ({e})") from None
+            raise BundleError(f"{origin}: not a valid tokenizers JSON ({e})") from None
         self.chat_template = chat_template
         self._template = _compile_template(chat_template) if chat_template else None
         self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
         if special_tokens is _FROM_MANIFEST:
-            special_tokens = special_tokens_from_manifest(_sibling_manifest(tokenizer_json), self._tok)
+            special_tokens = special_tokens_from_manifest(manifest, self._tok)
         self.special_tokens: dict[str, str] = {k: v for k, v in dict(special_tokens or {}).items()
                                                if k in SPECIAL_TOKEN_NAMES and isinstance(v, str) and v}
         # No token covers more characters than the longest vocabulary entry: a text longer than
@@ -138,7 +158,7 @@ class Tokenizer:
         # into text at once (all U+FFFD if any byte of the run is left incomplete), so a stream holds
         # a run back until it ends
         self.byte_fallback_ids = frozenset(
-            i for t, i in vocab.items() if _BYTE_TOKEN_RE.fullmatch(t)) if _byte_fallback(tokenizer_json) else frozenset()
+            i for t, i in vocab.items() if _BYTE_TOKEN_RE.fullmatch(t)) if _byte_fallback(text) else frozenset()
 
     @property
     def vocab_size(self) -> int:
