@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--smooth", default="auto", metavar="auto|off|ALPHA",
                    help="SmoothQuant migration folded into the norms / up_proj: strength searched per "
                         "input (auto), off, or a fixed alpha")
-    q.add_argument("--act16", default=",".join(QuantOptions.act16), metavar="KINDS",
+    q.add_argument("--act16", default=",".join(QuantOptions.act16), metavar="auto|KINDS|none",
                    help="linears whose input gets 16-bit activations (two int8 passes, hi + lo): 'auto' (the "
                         "inputs where the second pass lowers the estimated error most per multiply-add, up to "
                         "--act16-budget), comma-separated kinds (q_proj = q/k/v, o_proj, gate_proj = gate/up, "

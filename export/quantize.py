@@ -41,8 +41,8 @@ class QuantOptions:
     # where a second pass lowers the estimated noise-to-signal ratio most per multiply-add, until
     # they hold ``act16_budget`` of the prefill linears' multiply-adds. On SmolLM2 (512-token
     # prefill vs float, docs/quantization.md) the default kinds, half the multiply-adds, read +0.36%
-    # ppl at 1.50x; auto 0.25 +0.60% at 1.64x, but +1.49% with 8k calibration tokens (kinds: +0.02%):
-    # the estimate underrates the q/k/v inputs, whose errors reach every attention score
+    # ppl at 1.43-1.51x; auto 0.25 +0.60% at 1.65-1.70x, but +1.49% with 8k calibration tokens
+    # (kinds: -0.26%): the estimate underrates the q/k/v inputs, whose errors reach every attention score
     act16: tuple[str, ...] = ("q_proj", "o_proj", "down_proj")
     act16_budget: float = 0.25
     float_groups: int = 0  # keep the N groups with the largest estimated error in float
