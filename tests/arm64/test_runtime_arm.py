@@ -52,8 +52,14 @@ def test_same_outputs_as_the_host(models, expected):
         for case in cases:
             ids = model.encode_prompt(case["text"], raw=case["raw"])
             assert ids == case["ids"], (name, case["text"])
-            logits = model.prefill(model.embed(ids), model.new_cache())
-            np.testing.assert_allclose(logits, np.array(case["logits"]), atol=2e-3, rtol=1e-3)
+            logits, want = model.prefill(model.embed(ids), model.new_cache()), np.array(case["logits"])
+            if model.bundle.manifest.quantization.get("prefill", "fp32") == "fp32":
+                np.testing.assert_allclose(logits, want, atol=2e-3, rtol=1e-3)
+            else:
+                # static int8 activations: a value the board's float kernels put on the other side
+                # of a rounding boundary moves a whole step, and a random tiny model amplifies it
+                # (measured: 3 prompts within 1e-6 of the host, one 1.0% off in norm, same greedy tokens)
+                assert np.linalg.norm(logits - want) / np.linalg.norm(want) < 2e-2, (name, case["text"])
             greedy = list(model.generate_ids(ids, expected["new_tokens"], stop_ids=[]))
             assert greedy == case["greedy"], (name, case["text"])
 
