@@ -104,6 +104,11 @@ class Calibration:
     def group_of(self, linear: str) -> str:
         return next(k for k, names in self.groups.items() if linear in names)
 
+    @property
+    def channels(self) -> int:
+        """All linear input channels (one set per group input): what the hot budget is a fraction of."""
+        return sum(len(s.absmax) for s in self.stats.values())
+
 
 class _RecordingGraph(DecoderGraph):
     """The float decoder, noting which tensor feeds each linear (and the output projection)."""

@@ -215,19 +215,19 @@ def _group_macs(cal: Calibration, key: str, weights: Mapping[str, np.ndarray]) -
     return sum(0 if n == HEAD else int(weights[n + ".weight"].size) for n in cal.groups[key])
 
 
-def _auto_bits(cal: Calibration, weights: Mapping[str, np.ndarray], opts: QuantOptions, head_dim: int,
-               channels: int) -> tuple[dict[str, int], dict[str, dict[float, Curve]]]:
+def _auto_bits(cal: Calibration, weights: Mapping[str, np.ndarray], opts: QuantOptions,
+               head_dim: int) -> tuple[dict[str, int], dict[str, dict[float, Curve]]]:
     """--act16 auto: 16 bits for the groups whose second pass lowers the estimated noise-to-signal
     ratio most per multiply-add, while their multiply-adds stay within ``act16_budget`` of all."""
     keys = list(cal.groups)
-    c8 = {k: _curves(cal, k, weights, opts, 8, head_dim) for k in keys}
-    c16 = {k: _curves(cal, k, weights, opts, 16, head_dim) for k in keys}
-    alloc = _allocate(c8, opts, channels)  # the hot channels 8 bits everywhere would get
-    best = lambda cs, k: min(c.nsr(alloc[k]) for c in cs[k].values())  # noqa: E731
     macs = {k: _group_macs(cal, k, weights) for k in keys}
+    c8 = {k: _curves(cal, k, weights, opts, 8, head_dim) for k in keys}
+    c16 = {k: _curves(cal, k, weights, opts, 16, head_dim) for k in keys if macs[k]}  # candidates only
+    alloc = _allocate(c8, opts, cal.channels)  # the hot channels 8 bits everywhere would get
+    best = lambda cs, k: min(c.nsr(alloc[k]) for c in cs[k].values())  # noqa: E731
     left = opts.act16_budget * sum(macs.values())
     bits = dict.fromkeys(keys, 8)
-    for k in sorted((k for k in keys if macs[k]), key=lambda k: -(best(c8, k) - best(c16, k)) / macs[k]):
+    for k in sorted(c16, key=lambda k: -(best(c8, k) - best(c16, k)) / macs[k]):
         if macs[k] <= left:
             bits[k], left = 16, left - macs[k]
     return bits, {k: (c16 if bits[k] == 16 else c8)[k] for k in keys}
@@ -236,9 +236,9 @@ def _auto_bits(cal: Calibration, weights: Mapping[str, np.ndarray], opts: QuantO
 def plan_quantization(cal: Calibration, weights: Mapping[str, np.ndarray], opts: QuantOptions,
                       head_dim: int) -> QuantPlan:
     keys = list(cal.groups)
-    channels = sum(len(cal.stats[k].absmax) for k in keys)
+    channels = cal.channels
     if opts.act16_auto:
-        bits, curves = _auto_bits(cal, weights, opts, head_dim, channels)
+        bits, curves = _auto_bits(cal, weights, opts, head_dim)
     else:
         bits = {k: 16 if any(n.rsplit(".", 1)[-1] in opts.act16 for n in cal.groups[k]) else 8 for k in keys}
         curves = {k: _curves(cal, k, weights, opts, bits[k], head_dim) for k in keys}

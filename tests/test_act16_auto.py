@@ -26,8 +26,7 @@ def calibrated(zoo):
 
 def _bits(calibrated, budget: float) -> dict[str, int]:
     cfg, weights, cal = calibrated
-    channels = sum(len(s.absmax) for s in cal.stats.values())
-    bits, _ = _auto_bits(cal, weights, QuantOptions(act16=("auto",), act16_budget=budget), cfg.head_dim, channels)
+    bits, _ = _auto_bits(cal, weights, QuantOptions(act16=("auto",), act16_budget=budget), cfg.head_dim)
     return bits
 
 
