@@ -132,3 +132,22 @@ def test_bench_core_imports_on_a_board(module):
     r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
                        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
+
+
+def test_op_profile_tiny_bundle(zoo, capsys):
+    """bench/op_profile.py: per-operator kernel time of one real prefill chunk, after a real prefix."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import op_profile
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    bundle = zoo.bundle("llama", 16)
+    prof = op_profile.profile_chunk(bundle, past=16, repeat=2, threads=1)
+    assert prof.total_ms > 0 and all(ms >= 0 for ms in prof.ms_per_op.values())
+    assert {"MatMul", "Gemm", "FusedMatMul"} & set(prof.ms_per_op), prof.ms_per_op  # the linears ran
+    assert all(n >= 1 for n in prof.nodes_per_op.values())
+    assert op_profile.main([str(bundle), "--past", "0", "--repeat", "1", "--threads", "1", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["bundle"] == str(bundle) and row["total_ms"] > 0
+    with pytest.raises(SystemExit, match="exceeds the bundle's context"):
+        op_profile.profile_chunk(bundle, past=10_000, repeat=1, threads=1)
