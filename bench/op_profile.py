@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=16, help="operator types shown (default 16)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.repeat < 1 or args.past < 0:
+        p.error(f"--repeat must be >= 1 and --past >= 0 (got {args.repeat}, {args.past})")
     profiles = [profile_chunk(b, args.past, args.repeat, args.threads) for b in args.bundles]
     if args.json:
         print(json.dumps([{"bundle": q.bundle, "total_ms": q.total_ms, "ms_per_op": q.ms_per_op,
