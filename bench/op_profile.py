@@ -44,21 +44,15 @@ def chunk_feeds(model: Model, past: int) -> dict[str, np.ndarray]:
     C = model.chunk_length
     if past + C > model.max_context:
         raise SystemExit(f"--past {past} + chunk {C} exceeds the bundle's context {model.max_context}")
-    if model.split is not None or "prefill" not in model.sessions:
-        raise SystemExit(f"{model.bundle.path}: needs the fused prefill plan")
     ids = model.tokenizer.encode(default_text())[: past + C]
     cache = model.new_cache()
     if past:
         model.prefill(model.embed(ids[:past]), cache)
-    feeds = {"inputs_embeds": model.embed(ids[past:]), "start": np.array([past], np.int64),
-             **cache.feeds(past if model._prefill_prefix_rows else None)}
-    if model._prefill_logits_rows:
-        feeds["logits_rows"] = np.array([C - 1], np.int64)
-    return feeds
+    return model.chunk_feeds(model.embed(ids[past:]), past, cache, [C - 1])
 
 
 def profile_chunk(bundle: Path, past: int, repeat: int, threads: int) -> OpProfile:
-    model = Model.load(bundle, threads=threads)
+    model = Model.load(bundle, threads=threads, plan="fused")
     feeds = chunk_feeds(model, past)
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(threads)

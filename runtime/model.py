@@ -112,18 +112,24 @@ class Model:
             chunk = np.zeros((1, C, embeds.shape[2]), np.float32)
             chunk[0, :count] = embeds[0, off:off + count]
             pos = start + off
-            feeds = {"inputs_embeds": chunk, "start": np.array([pos], np.int64),
-                     **cache.feeds(pos if self._prefill_prefix_rows else None)}
             last = off + count == n
-            if self._prefill_logits_rows:  # only the rows someone reads: none before the last chunk
-                rows = range(count) if all_logits else [count - 1] if last else []
-                feeds["logits_rows"] = np.array(rows, np.int64)
+            # only the logit rows someone reads: none before the last chunk
+            feeds = self.chunk_feeds(chunk, pos, cache, range(count) if all_logits else [count - 1] if last else [])
             result = dict(zip(names, sess.run(names, feeds)))
             cache.write(pos, count, result)
             logits = result["logits"][0] if self._prefill_logits_rows else result["logits"][0, :count]
             if all_logits or last:
                 outs_all.append(logits if all_logits else logits[-1:])
         return np.concatenate(outs_all, 0) if all_logits else outs_all[-1][0]
+
+    def chunk_feeds(self, chunk: np.ndarray, pos: int, cache: KVCache, logit_rows: Sequence[int]) -> dict[str, np.ndarray]:
+        """The fused prefill graph's inputs for one chunk [1, C, H] at ``pos`` (``logit_rows``: the
+        rows whose logits are computed, where the graph takes them; older graphs compute all)."""
+        feeds = {"inputs_embeds": chunk, "start": np.array([pos], np.int64),
+                 **cache.feeds(pos if self._prefill_prefix_rows else None)}
+        if self._prefill_logits_rows:
+            feeds["logits_rows"] = np.array(logit_rows, np.int64)
+        return feeds
 
     def decode_step(self, token: int, cache: KVCache) -> np.ndarray:
         pos = cache.length
