@@ -1,6 +1,6 @@
 """Where one prefill chunk's time goes, per operator type, for one or more bundles side by side.
 
-    python bench/op_profile.py BUNDLE [BUNDLE ...] [--past 256] [--repeat 8] [--threads 2] [--top 16]
+    python -m edge.bench.op_profile BUNDLE [BUNDLE ...] [--past 256] [--repeat 8] [--threads 2] [--top 16]
 
 Each bundle's fused prefill graph runs one chunk of the default text at position --past, after the
 tokens before it were prefilled for real (so the KV cache holds real keys and values), under
@@ -19,13 +19,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import onnxruntime as ort
 
-from runtime.model import Model, session_options
-from runtime.perplexity import default_text
+from edge.runtime.model import Model, session_options
+from edge.runtime.perplexity import default_text
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Prefill speed and size of a quantized bundle against its float twin, same process, interleaved.
 
-    python bench/quant_speed.py FLOAT_BUNDLE QUANT_BUNDLE [--tokens 512] [--repeat 7] [--threads 2]
+    python -m edge.bench.quant_speed FLOAT_BUNDLE QUANT_BUNDLE [--tokens 512] [--repeat 7] [--threads 2]
 
 Both bundles run the same prompt (the first N tokens of the pydoc text) through their fused
 prefill chunk graphs on the CPU execution provider. Runs alternate between the two bundles so that
@@ -22,10 +22,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.model import Model
-from runtime.perplexity import default_text
+from edge.runtime.model import Model
+from edge.runtime.perplexity import default_text
 
 
 def bundle_bytes(model: Model) -> int:
@@ -54,7 +53,7 @@ def accel_chunk_runner(model: Model, threads: int) -> Callable[[], None]:
     import numpy as np
     import onnxruntime as ort
 
-    from runtime.model import session_options
+    from edge.runtime.model import session_options
 
     m = model.bundle.manifest
     if m.plans is None or m.plans.split is None:

@@ -1,6 +1,6 @@
 """Split-plan prefill benchmark: out-of-order schedule vs the same tasks in sequence vs the fused plan.
 
-    python bench/schedule.py BUNDLE [--tokens 512] [--repeats 5] [--trace t.json] [--gantt g.png]
+    python -m edge.bench.schedule BUNDLE [--tokens 512] [--repeats 5] [--trace t.json] [--gantt g.png]
 
 Lanes: ``cpu`` + a second-CPU ``accel`` lane (--accelerator cpu), one onnxruntime thread each;
 the fused plan runs on 2 threads. The prompt is real text (Python's pydoc topics), cut to --tokens.
@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime import Model  # noqa: E402
+from edge.runtime import Model
 
 
 def prompt_ids(model: Model, n: int) -> list[int]:

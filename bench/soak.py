@@ -1,6 +1,6 @@
 """Soak test: many generations in a row on one loaded model; does resident memory grow?
 
-    python bench/soak.py BUNDLE [--generations 300] [--warmup 30] [--max-new-tokens 32] [--json]
+    python -m edge.bench.soak BUNDLE [--generations 300] [--warmup 30] [--max-new-tokens 32] [--json]
 
 Prompts of several lengths, greedy and seeded sampling alternate (a warm-up of at least one full
 cycle sees every shape, so onnxruntime's arena has reached its size). Resident memory is read from
@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PROMPTS = [
     "What is the capital of France?",
@@ -35,7 +34,7 @@ def rss_bytes() -> int:
 
 
 def soak(bundle: str, generations: int, warmup: int, max_new_tokens: int, threads: int) -> dict:
-    from runtime import Model
+    from edge.runtime import Model
 
     model = Model.load(bundle, threads=threads)
     rss_loaded = rss_bytes()
@@ -71,7 +70,7 @@ def soak(bundle: str, generations: int, warmup: int, max_new_tokens: int, thread
 
 
 def _params(kw: dict):
-    from runtime import SamplingParams
+    from edge.runtime import SamplingParams
 
     return SamplingParams(**kw)
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BundleError
+from edge.errors import BundleError
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class ExportOptions:
     vision_weights: str = "fp32"  # multimodal bundles: the vision graph's linears, fp32 or int8 (edge.vision)
 
     def __post_init__(self) -> None:
-        from .vision import VISION_WEIGHTS
+        from edge.vision import VISION_WEIGHTS
 
         if self.vision_weights not in VISION_WEIGHTS:
             raise ValueError(f"vision weights must be one of {', '.join(VISION_WEIGHTS)}, got {self.vision_weights!r}")

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .config import DecoderConfig
-from .errors import BundleError
-from .vision import VisionConfig
-from .plans import Plans, parse_plans
+from edge.config import DecoderConfig
+from edge.errors import BundleError
+from edge.vision import VisionConfig
+from edge.plans import Plans, parse_plans
 
 FORMAT = "edge-bundle"
 FORMAT_VERSION = 1

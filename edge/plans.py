@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BundleError
+from edge.errors import BundleError
 
 LANES = ("cpu", "accel")
 SCOPES = ("chunk", "layer")

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BundleError
+from edge.errors import BundleError
 
 VISION_WEIGHTS = ("fp32", "int8")  # forms of the vision graph's linears (encoder q/k/v/out, fc1/fc2, connector)
 

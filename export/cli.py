@@ -10,7 +10,7 @@ from edge.errors import EdgeError
 from edge.progress import Progress
 from edge.vision import VISION_WEIGHTS
 
-from . import quant_cli
+from edge.export.quant import options as quant_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,13 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "by onnxruntime as 8-bit MatMulNBits; default when --quant is w8a8*) or fp32 (default "
                         "otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    quant_cli.add_arguments(p)
+    quant_options.add_arguments(p)
     return p
 
 
 def _multimodal(model: str) -> bool:
-    from .families import family_for
-    from .sources import peek_architecture
+    from edge.export.families import family_for
+    from edge.export.sources import peek_architecture
 
     arch = peek_architecture(model)
     try:
@@ -46,14 +46,14 @@ def _multimodal(model: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .pipeline import export_model
+    from edge.export.pipeline import export_model
 
-    args.quant = quant_cli.resolve_scheme(args.quant, _multimodal(args.model))
+    args.quant = quant_options.resolve_scheme(args.quant, _multimodal(args.model))
     try:
         options = ExportOptions(chunk_length=args.chunk, max_context=args.context,
                                 plans=tuple(p.strip() for p in args.plans.split(",") if p.strip()),
-                                vision_weights=args.vision_weights or quant_cli.weights_for(args.quant))
-        quant, calib, accuracy = quant_cli.from_args(args)
+                                vision_weights=args.vision_weights or quant_options.weights_for(args.quant))
+        quant, calib, accuracy = quant_options.from_args(args)
     except (ValueError, EdgeError) as e:
         print(f"edge-export: error: {e}", file=sys.stderr)
         return 2

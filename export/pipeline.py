@@ -17,18 +17,18 @@ from edge.manifest import FORMAT_VERSION, MANIFEST_NAME, GraphSpec, Manifest, Te
 
 from edge.progress import Progress
 
-from .bundle_writer import write_atomically
-from .families import family_for
-from .graph.builder import WeightStore, io_specs
-from .graph.split import build_split
-from .graph.vision import build_vision_graph
-from .quant_export import FLOAT, AccuracySpec, CalibrationSpec, decoders, measure, plan_for_export
-from .sources import load_source
-from .vision_quant import vision_linear
+from edge.export.bundle_writer import write_atomically
+from edge.export.families import family_for
+from edge.export.graph.builder import WeightStore, io_specs
+from edge.export.graph.split import build_split
+from edge.export.graph.vision import build_vision_graph
+from edge.export.quant.recipe import FLOAT, AccuracySpec, CalibrationSpec, decoders, measure, plan_for_export
+from edge.export.sources import load_source
+from edge.export.quant.vision import vision_linear
 
 if TYPE_CHECKING:
-    from .calibrate import Calibration
-    from .quantize import QuantOptions
+    from edge.export.quant.calibrate import Calibration
+    from edge.export.quant.plan import QuantOptions
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -117,7 +117,7 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
         (tmp / MANIFEST_NAME).write_text(manifest.dumps(), encoding="utf-8")
         if accuracy.enabled and (quant.quantized or quant.decode != "fp32"):
             # measured on the bundle as written, before it replaces the target
-            from runtime.model import Model
+            from edge.runtime.model import Model
 
             progress.note("measuring held-out perplexity (quantized bundle vs float)")
             rec = measure(cfg, weights, Model.load(tmp, verify_hashes=False), quant, plan, options.chunk_length,

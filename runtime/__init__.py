@@ -1,6 +1,6 @@
 """Embedded runtime: numpy + onnxruntime only. ``Model.load(bundle).generate(prompt)``."""
 
-from .model import Model
-from .sampling import SamplingParams
+from edge.runtime.model import Model
+from edge.runtime.sampling import SamplingParams
 
 __all__ = ["Model", "SamplingParams"]

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from edge.errors import BundleError
 from edge.manifest import GraphSpec, Manifest, read_manifest, safe_relative, verify_files
 
-from .onnx_refs import external_data_refs
+from edge.runtime.onnx_refs import external_data_refs
 
 REQUIRED_GRAPHS = ("embed", "prefill", "decode")
 

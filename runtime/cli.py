@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.devices:
-        from .lanes import describe_devices
+        from edge.runtime.lanes import describe_devices
 
         print(describe_devices())
         return 0
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         args.plan = "split"
     if (args.trace or args.gantt) and args.plan != "split":
         parser.error("--trace/--gantt record the split plan's tasks: use --plan split")
-    from .model import Model
-    from .sampling import SamplingParams
+    from edge.runtime.model import Model
+    from edge.runtime.sampling import SamplingParams
 
     try:
         t0 = time.perf_counter()

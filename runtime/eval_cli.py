@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .model import Model
-    from .perplexity import bundle_perplexity, default_text, heldout_text
+    from edge.runtime.model import Model
+    from edge.runtime.perplexity import bundle_perplexity, default_text, heldout_text
 
     progress = Progress(enabled=not args.json)
     try:

@@ -23,10 +23,10 @@ import onnxruntime as ort
 
 from edge.errors import BundleError, DeviceError
 
-from .model import session_options
+from edge.runtime.model import session_options
 
 if TYPE_CHECKING:
-    from .shared_weights import SharedWeights
+    from edge.runtime.shared_weights import SharedWeights
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ import onnxruntime as ort
 
 from edge.errors import BundleError, PromptError
 
-from .bundle import Bundle, check_session_io, open_bundle
-from .kv_cache import KVCache
-from .sampling import Sampler, SamplingParams
-from .shared_weights import SharedWeights, trim_heap
-from .tokenizer import Tokenizer, check_text
+from edge.runtime.bundle import Bundle, check_session_io, open_bundle
+from edge.runtime.kv_cache import KVCache
+from edge.runtime.sampling import Sampler, SamplingParams
+from edge.runtime.shared_weights import SharedWeights, trim_heap
+from edge.runtime.tokenizer import Tokenizer, check_text
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -32,7 +32,7 @@ class Model:
                  lane_threads: int = 1, share_weights: bool = True):
         """``plan``: prefill plan, "fused" (one graph per chunk) or "split" (per-layer subgraphs on a
         CPU lane and an accelerator lane, out of order); None = the bundle's default (fused).
-        ``accelerator`` (split only): "auto" | "none" | a name from runtime.lanes.list_devices();
+        ``accelerator`` (split only): "auto" | "none" | a name from edge.runtime.lanes.list_devices();
         ``lane_threads``: onnxruntime threads of each CPU-backed lane. ``share_weights``: the embed,
         prefill and decode sessions read one memory map of the weights (runtime/shared_weights.py)
         instead of a copy each."""
@@ -63,13 +63,13 @@ class Model:
         self._prefill_logits_rows = "logits_rows" in prefill_in
         self.vision = None  # multimodal bundles: the vision encoder (runtime/vision.py)
         if m.vision is not None:
-            from .vision import VisionEncoder
+            from edge.runtime.vision import VisionEncoder
 
             self.vision = VisionEncoder(bundle, m, so)
         self.split = None
         if self.plan == "split":
-            from .lanes import make_lanes
-            from .split_prefill import SplitPrefill
+            from edge.runtime.lanes import make_lanes
+            from edge.runtime.split_prefill import SplitPrefill
 
             self.split = SplitPrefill(bundle, make_lanes(accelerator, lane_threads, lane_threads, self.shared_weights))
         trim_heap()  # what building the sessions freed
@@ -176,7 +176,7 @@ class Model:
         bundles lay out image tokens and merge image embeddings (runtime/vision.py)."""
         if self.vision is None and (images is None or (isinstance(images, (list, tuple)) and not images)):
             return self.encode_prompt(prompt, raw=raw), None
-        from .vision import prepare_prompt
+        from edge.runtime.vision import prepare_prompt
 
         return prepare_prompt(self, prompt, images, raw)
 

@@ -149,5 +149,5 @@ def external_data_refs(path: str | Path) -> list[tuple[str, str]]:
     return read_graph_file(path, scan)
 
 
-# the wire-format readers, for other scanners of graph files (runtime.shared_weights)
+# the wire-format readers, for other scanners of graph files (edge.runtime.shared_weights)
 Malformed, fields, varint, text = _Malformed, _fields, _varint, _text

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from edge.errors import BundleError
 
-from .onnx_refs import Malformed, fields, read_graph_file, text, varint
+from edge.runtime.onnx_refs import Malformed, fields, read_graph_file, text, varint
 
 # TensorProto.DataType -> numpy
 _DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,

@@ -24,18 +24,18 @@ from edge.errors import BundleError
 from edge.manifest import Manifest
 from edge.plans import SplitPlan, Stage
 
-from .bundle import Bundle, check_session_io
-from .kv_cache import KVCache
-from .lanes import Lane
-from .scheduler import CostTable, Plan, StageInfo, Task, plan
-from .trace import Event, Trace
+from edge.runtime.bundle import Bundle, check_session_io
+from edge.runtime.kv_cache import KVCache
+from edge.runtime.lanes import Lane
+from edge.runtime.scheduler import CostTable, Plan, StageInfo, Task, plan
+from edge.runtime.trace import Event, Trace
 
 _NP = {"float32": np.float32, "int64": np.int64}
 
 
 class SplitPrefill:
     def __init__(self, bundle: Bundle, lanes: dict[str, Lane], measure_runs: int = 3, lookahead: int = 4):
-        """``lanes``: from runtime.lanes.make_lanes; ``measure_runs``: timings per stage at load."""
+        """``lanes``: from edge.runtime.lanes.make_lanes; ``measure_runs``: timings per stage at load."""
         m: Manifest = bundle.manifest
         if m.plans.split is None:
             raise BundleError(f"{bundle.path}: the bundle has no split plan (re-export with --plans fused,split)")

@@ -20,11 +20,11 @@ import onnxruntime as ort
 from edge.errors import BundleError, ImageError, PromptError
 from edge.manifest import Manifest
 
-from .bundle import Bundle, check_session_io
-from .tokenizer import _PLACEHOLDER, _PLACEHOLDER_RE, check_text
+from edge.runtime.bundle import Bundle, check_session_io
+from edge.runtime.tokenizer import _PLACEHOLDER, _PLACEHOLDER_RE, check_text
 
 if TYPE_CHECKING:
-    from .model import Model
+    from edge.runtime.model import Model
 
 MAX_IMAGES = 64  # per prompt; far beyond what any context holds, refused before anything is opened
 
@@ -104,7 +104,7 @@ def _chat_pieces(model: "Model", prompt: str, n_images: int) -> list[tuple[str, 
 
 
 def _expand(pieces: list[tuple[str, bool]], plans: list, cfg) -> list[tuple[str, bool]]:
-    from .image import image_prompt_string
+    from edge.runtime.image import image_prompt_string
 
     out, k = [], 0
     for text, user in pieces:
@@ -121,7 +121,7 @@ def _expand(pieces: list[tuple[str, bool]], plans: list, cfg) -> list[tuple[str,
 def prepare_prompt(model: "Model", prompt: str, images: Any = None, raw: bool = False
                    ) -> tuple[list[int], np.ndarray | None]:
     """(token ids, prompt embeddings [1, n, H] with the image rows merged in, or None without images)."""
-    from .image import load_image, plan_tiles, preprocess
+    from edge.runtime.image import load_image, plan_tiles, preprocess
 
     images = _as_list(images)
     check_text(prompt)

@@ -51,7 +51,7 @@ class TinyZoo:
         if key not in self._bundles:
             from edge.config import ExportOptions
             from edge.progress import Progress
-            from export.pipeline import export_model
+            from edge.export.pipeline import export_model
 
             out = self.root / "bundles" / f"{name}-c{chunk}-l{context}"
             export_model(self.folder(name), out, ExportOptions(chunk_length=chunk, max_context=context),
@@ -63,7 +63,7 @@ class TinyZoo:
         """A loaded runtime Model (shared: do not keep state in it)."""
         key = (name, chunk, context)
         if key not in self._models:
-            from runtime import Model
+            from edge.runtime import Model
 
             self._models[key] = Model.load(self.bundle(name, chunk, context), threads=1)
         return self._models[key]

@@ -5,7 +5,7 @@ temporary folder, writing the weights, saving each graph, writing the tokenizer 
 each fsync, each rename, each removal. Two modes:
 
 ``run CLI-ARGS...``
-    Runs ``edge-export CLI-ARGS`` (``export.cli.main``, what ``python -m export.cli`` runs) and
+    Runs ``edge-export CLI-ARGS`` (``edge.export.cli.main``, what ``python -m edge.export.cli`` runs) and
     prints ``STEP n label`` on stdout at each step, sleeping ``EDGE_STEP_SLEEP`` seconds there, so
     a parent can SIGKILL it at chosen or random moments of the write phase. With
     ``EDGE_STEP_PAUSE=TEXT`` and ``EDGE_STEP_GO=PATH`` it stops at the first step whose label
@@ -75,30 +75,30 @@ def _hook(owner, attr: str, label: str, skip: bool = False) -> None:
 def install_hooks(real_fsync: bool = True) -> None:
     import onnx
 
-    import export.bundle_writer
-    import export.graph.builder
+    import edge.export.bundle_writer
+    import edge.export.graph.builder
 
     _hook(tempfile, "mkdtemp", "mkdtemp")
-    _hook(export.graph.builder.WeightStore, "write", "write weights")
+    _hook(edge.export.graph.builder.WeightStore, "write", "write weights")
     _hook(onnx, "save_model", "save graph")
     _hook(pathlib.Path, "write_text", "write_text")
     # fsync guards against power loss, which a process kill is not (the kernel keeps what was
     # written): the sweep keeps fsyncs as kill points but skips the slow syscall itself
     _hook(os, "fsync", "fsync", skip=not real_fsync)
-    _hook(export.bundle_writer, "fsync_dir", "fsync_dir", skip=not real_fsync)
+    _hook(edge.export.bundle_writer, "fsync_dir", "fsync_dir", skip=not real_fsync)
     _hook(os, "rename", "rename")
     _hook(shutil, "rmtree", "rmtree")
 
 
 def _cli(argv: list[str]) -> int:
-    from export.cli import main
+    from edge.export.cli import main
 
     return main(argv)
 
 
 def sweep(previous: str, root: str, template: list[str]) -> list[dict]:
-    import export.cli  # noqa: F401  (import everything once, before forking)
-    import export.pipeline  # noqa: F401
+    import edge.export.cli  # noqa: F401  (import everything once, before forking)
+    import edge.export.pipeline  # noqa: F401
 
     install_hooks(real_fsync=False)
     outcomes = []

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from export.calibrate import HEAD, calibrate
-from export.families import family_for
-from export.quant_export import CalibrationSpec, calibration_windows
-from export.quantize import QuantOptions, _auto_bits, _group_macs, plan_quantization
-from export.sources import load_source
+from edge.export.quant.calibrate import HEAD, calibrate
+from edge.export.families import family_for
+from edge.export.quant.recipe import CalibrationSpec, calibration_windows
+from edge.export.quant.plan import QuantOptions, _auto_bits, _group_macs, plan_quantization
+from edge.export.sources import load_source
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_options_reject_a_bad_budget_or_auto_mixed_with_kinds():
 
 def test_cli_act16_auto_reaches_the_manifest(zoo, cli, tmp_path):
     out = tmp_path / "b"
-    r = cli("export.cli", zoo.folder("llama"), "-o", out, "--chunk", "16", "--context", "64", "--quant", "w8a8",
+    r = cli("edge.export.cli", zoo.folder("llama"), "-o", out, "--chunk", "16", "--context", "64", "--quant", "w8a8",
             "--calib-tokens", "256", "--no-accuracy-report", "--act16", "auto", "--act16-budget", "0.3")
     assert r.returncode == 0, r.stderr
     rec = json.loads((out / "manifest.json").read_text())["quantization"]

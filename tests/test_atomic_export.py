@@ -12,11 +12,11 @@ import textwrap
 
 import pytest
 
-import export.bundle_writer as bundle_writer
-import export.pipeline as pipeline
+import edge.export.bundle_writer as bundle_writer
+import edge.export.pipeline as pipeline
 from edge.config import ExportOptions
 from edge.progress import Progress
-from runtime import Model
+from edge.runtime import Model
 
 OPTS = ExportOptions(chunk_length=16, max_context=64)
 QUIET = Progress(enabled=False)
@@ -126,7 +126,7 @@ def test_refuses_to_overwrite_a_file(zoo, tmp_path):
 
 KILLED = textwrap.dedent("""
     import os, sys
-    import export.pipeline as pipeline
+    import edge.export.pipeline as pipeline
     from edge.config import ExportOptions
     from edge.progress import Progress
 

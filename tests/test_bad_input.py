@@ -14,8 +14,8 @@ import pytest
 from edge.config import ExportOptions
 from edge.errors import BundleError, EdgeError, ModelSourceError, UnsupportedModelError
 from edge.progress import Progress
-from export.pipeline import export_model
-from runtime import Model
+from edge.export.pipeline import export_model
+from edge.runtime import Model
 
 QUIET = Progress(enabled=False)
 

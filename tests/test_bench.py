@@ -52,7 +52,7 @@ def check_report(report: dict, lengths: list[int], new_tokens: int) -> None:
 
 
 def test_bench_tiny_bundle(zoo, tmp_path):
-    from runtime.bench_cli import main
+    from edge.bench.cli import main
 
     bundle = zoo.bundle("llama", 16)
     out_json, out_png = tmp_path / "bench.json", tmp_path / "plots" / "bench.png"
@@ -90,7 +90,7 @@ def test_bench_tiny_bundle(zoo, tmp_path):
 
 
 def test_ratios_and_table():
-    from runtime.bench_report import ratios, table
+    from edge.bench.report import ratios, table
 
     def row(name, kind, prefill, decode, status="ok"):
         res = {"prompt_tokens": 128, "status": status}
@@ -114,19 +114,19 @@ def test_ratios_and_table():
     assert "2.00x" in text and "not installed" in text
 
 
-@pytest.mark.parametrize("module", ["runtime.bench", "runtime.bench_cli", "runtime.bench_report"])
+@pytest.mark.parametrize("module", ["edge.bench.run", "edge.bench.cli", "edge.bench.report"])
 def test_bench_core_imports_on_a_board(module):
     """The bench core needs only what a board has: the peers' packages are imported in children."""
     script = textwrap.dedent(f"""
         import importlib.abc, sys
-        BLOCKED = {{"torch", "transformers", "optimum", "onnx", "export", "gguf", "llama_cpp", "matplotlib"}}
+        BLOCKED = {{"torch", "transformers", "optimum", "onnx", "edge.export", "gguf", "llama_cpp", "matplotlib"}}
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in BLOCKED:
+                if any(name == b or name.startswith(b + ".") for b in BLOCKED):
                     raise ImportError(name + " blocked")
         sys.meta_path.insert(0, Block())
         import {module}
-        from runtime.bench_cli import build_parser
+        from edge.bench.cli import build_parser
         build_parser().parse_args(["b", "--compare", "llama.cpp,optimum"])
     """)
     r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
@@ -135,12 +135,9 @@ def test_bench_core_imports_on_a_board(module):
 
 
 def test_op_profile_tiny_bundle(zoo, capsys):
-    """bench/op_profile.py: per-operator kernel time of one real prefill chunk, after a real prefix."""
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import op_profile
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    """edge.bench.op_profile: per-operator kernel time of one real prefill chunk, after a real prefix."""
+    from edge.bench import op_profile
+
     bundle = zoo.bundle("llama", 16)
     prof = op_profile.profile_chunk(bundle, past=16, repeat=2, threads=1)
     assert prof.total_ms > 0 and all(ms >= 0 for ms in prof.ms_per_op.values())

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import Model
-from runtime.perplexity import log_softmax, windows_of
+from edge.runtime import Model
+from edge.runtime.perplexity import log_softmax, windows_of
 
 CONTEXT = 128
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 4 + "In the beginning there was nothing, and then "
@@ -19,13 +19,13 @@ TEXT = ("The quick brown fox jumps over the lazy dog. " * 4 + "In the beginning 
 @pytest.fixture(scope="module")
 def exported(zoo, cli, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "bundle"
-    r = cli("export.cli", zoo.folder("llama"), "-o", out, "--chunk", "16", "--context", str(CONTEXT), "--quant", "fp32")
+    r = cli("edge.export.cli", zoo.folder("llama"), "-o", out, "--chunk", "16", "--context", str(CONTEXT), "--quant", "fp32")
     assert r.returncode == 0, r.stderr
     return out, r
 
 
 def test_export_default_is_w8a8_with_an_accuracy_report(zoo, cli, tmp_path):
-    r = cli("export.cli", zoo.folder("llama"), "-o", tmp_path / "d", "--chunk", "16", "--context", "64",
+    r = cli("edge.export.cli", zoo.folder("llama"), "-o", tmp_path / "d", "--chunk", "16", "--context", "64",
             "--eval-tokens", "256")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
@@ -35,7 +35,7 @@ def test_export_default_is_w8a8_with_an_accuracy_report(zoo, cli, tmp_path):
 
 
 def test_quant_auto_resolves_by_model_kind():
-    from export.quant_cli import resolve_scheme
+    from edge.export.quant.options import resolve_scheme
 
     assert resolve_scheme("auto", multimodal=False) == "w8a8" and resolve_scheme("auto", multimodal=True) == "fp32"
     assert resolve_scheme("w8a8", multimodal=True) == "w8a8" and resolve_scheme("fp32", multimodal=False) == "fp32"
@@ -60,7 +60,7 @@ def test_export_writes_a_bundle_with_progress(exported):
 
 
 def test_export_quiet(zoo, cli, tmp_path):
-    r = cli("export.cli", zoo.folder("qwen2"), "-o", tmp_path / "q", "--chunk", "16", "--context", "64", "--quiet")
+    r = cli("edge.export.cli", zoo.folder("qwen2"), "-o", tmp_path / "q", "--chunk", "16", "--context", "64", "--quiet")
     assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
     assert Model.load(tmp_path / "q").config.attention_bias
 
@@ -69,7 +69,7 @@ def test_export_quiet(zoo, cli, tmp_path):
 def test_run_prints_the_generation(exported, cli, raw):
     out, _ = exported
     prompt = "hello world"
-    r = cli("runtime.cli", out, "--prompt", prompt, "--max-new-tokens", "12", *(["--raw"] if raw else []),
+    r = cli("edge.runtime.cli", out, "--prompt", prompt, "--max-new-tokens", "12", *(["--raw"] if raw else []),
             "--stats")
     assert r.returncode == 0, r.stderr
     expected = Model.load(out).generate(prompt, max_new_tokens=12, raw=raw)
@@ -80,7 +80,7 @@ def test_run_prints_the_generation(exported, cli, raw):
 def test_run_sampling_is_seeded(exported, cli):
     out, _ = exported
     args = (out, "--prompt", "hello world", "--raw", "--max-new-tokens", "10", "--temperature", "1.0", "--seed", "7")
-    r1, r2 = cli("runtime.cli", *args), cli("runtime.cli", *args)
+    r1, r2 = cli("edge.runtime.cli", *args), cli("edge.runtime.cli", *args)
     assert r1.returncode == 0 and r1.stdout == r2.stdout
     assert r1.stdout == Model.load(out).generate("hello world", 10, temperature=1.0, seed=7, raw=True) + "\n"
 
@@ -103,7 +103,7 @@ def test_eval_perplexity_json_matches_transformers(exported, cli, zoo, tmp_path)
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
     tokens = 300  # windows of 128 ids: 127 + 127 + 46 predictions (a short last window)
-    r = cli("runtime.eval_cli", out, "--perplexity", "--json", "--text", text, "--tokens", str(tokens))
+    r = cli("edge.runtime.eval_cli", out, "--perplexity", "--json", "--text", text, "--tokens", str(tokens))
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["tokens"] == tokens and result["windows"] == 3 and result["window"] == CONTEXT
@@ -117,7 +117,7 @@ def test_eval_plain_output(exported, cli, tmp_path):
     out, _ = exported
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
-    r = cli("runtime.eval_cli", out, "--perplexity", "--text", text, "--tokens", "50", "--window", "32")
+    r = cli("edge.runtime.eval_cli", out, "--perplexity", "--text", text, "--tokens", "50", "--window", "32")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("perplexity ") and "over 50 tokens" in r.stdout and "windows of 32" in r.stdout
 
@@ -134,18 +134,18 @@ def test_cli_failures(exported, cli, zoo, tmp_path):
     bad_text = tmp_path / "bad.txt"
     bad_text.write_bytes(b"\xff\xfe\xfa not utf-8")
     cases = [
-        (("runtime.cli", tmp_path / "nope", "--prompt", "hi"), ["edge-run: error:", "not a bundle folder"]),
-        (("runtime.cli", out, "--prompt", "x" * 200, "--raw"), ["200 tokens", f"{CONTEXT}"]),
-        (("runtime.cli", out, "--prompt", "hi", "--temperature", "-1"), ["temperature"]),
-        (("runtime.cli", out, "--prompt", "hi", "--top-p", "0"), ["top_p"]),
-        (("export.cli", tmp_path / "no-model", "-o", tmp_path / "o1"), ["edge-export: error:", "no such file"]),
-        (("export.cli", zoo.folder("llama"), "-o", not_a_bundle), ["not an edge bundle", "refusing to overwrite"]),
-        (("export.cli", zoo.folder("llama"), "-o", tmp_path / "o2", "--chunk", "0"), ["chunk length"]),
-        (("export.cli", zoo.folder("llama"), "-o", tmp_path / "o3", "--chunk", "64", "--context", "32"),
+        (("edge.runtime.cli", tmp_path / "nope", "--prompt", "hi"), ["edge-run: error:", "not a bundle folder"]),
+        (("edge.runtime.cli", out, "--prompt", "x" * 200, "--raw"), ["200 tokens", f"{CONTEXT}"]),
+        (("edge.runtime.cli", out, "--prompt", "hi", "--temperature", "-1"), ["temperature"]),
+        (("edge.runtime.cli", out, "--prompt", "hi", "--top-p", "0"), ["top_p"]),
+        (("edge.export.cli", tmp_path / "no-model", "-o", tmp_path / "o1"), ["edge-export: error:", "no such file"]),
+        (("edge.export.cli", zoo.folder("llama"), "-o", not_a_bundle), ["not an edge bundle", "refusing to overwrite"]),
+        (("edge.export.cli", zoo.folder("llama"), "-o", tmp_path / "o2", "--chunk", "0"), ["chunk length"]),
+        (("edge.export.cli", zoo.folder("llama"), "-o", tmp_path / "o3", "--chunk", "64", "--context", "32"),
          ["max context 32", "chunk length 64"]),
-        (("runtime.eval_cli", out, "--perplexity", "--text", missing_text), ["edge-eval: error:", "missing.txt"]),
-        (("runtime.eval_cli", out, "--perplexity", "--text", bad_text), ["UTF-8"]),
-        (("runtime.eval_cli", tmp_path / "nope", "--perplexity", "--json"), ["not a bundle folder"]),
+        (("edge.runtime.eval_cli", out, "--perplexity", "--text", missing_text), ["edge-eval: error:", "missing.txt"]),
+        (("edge.runtime.eval_cli", out, "--perplexity", "--text", bad_text), ["UTF-8"]),
+        (("edge.runtime.eval_cli", tmp_path / "nope", "--perplexity", "--json"), ["not a bundle folder"]),
     ]
     for args, words in cases:
         r = cli(*args)
@@ -159,6 +159,6 @@ def test_changed_bundle_refused_by_cli(zoo, cli, tmp_path):
     data = bytearray((b / "weights.bin").read_bytes())
     data[100] ^= 0xFF
     (b / "weights.bin").write_bytes(bytes(data))
-    assert_clean_failure(cli("runtime.cli", b, "--prompt", "hi"), "weights.bin", "sha256")
-    r = cli("runtime.cli", b, "--prompt", "hi", "--raw", "--no-verify", "--max-new-tokens", "2")
+    assert_clean_failure(cli("edge.runtime.cli", b, "--prompt", "hi"), "weights.bin", "sha256")
+    r = cli("edge.runtime.cli", b, "--prompt", "hi", "--raw", "--no-verify", "--max-new-tokens", "2")
     assert r.returncode == 0, r.stderr

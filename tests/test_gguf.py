@@ -13,9 +13,9 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from edge.errors import ModelSourceError, UnsupportedModelError  # noqa: E402
-from export.sources import load_source  # noqa: E402
-from export.sources.gguf_file import load_gguf, unpermute_qk  # noqa: E402
-from export.sources.hf_writer import write_hf_folder  # noqa: E402
+from edge.export.sources import load_source  # noqa: E402
+from edge.export.sources.gguf_file import load_gguf, unpermute_qk  # noqa: E402
+from edge.export.sources.hf_writer import write_hf_folder  # noqa: E402
 
 CHAT = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import textwrap
 
-BLOCKED = ("torch", "transformers", "optimum", "onnx", "onnxscript", "export", "gguf", "safetensors")
+BLOCKED = ("torch", "transformers", "optimum", "onnx", "onnxscript", "gguf", "safetensors",
+           "edge.export", "edge.bench")  # the exporter and the benchmarks never ship to a board
 # third-party top-level modules a board may have (the base dependencies and what they pull in)
-ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers", "jinja2", "markupsafe", "edge", "runtime",
+ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers", "jinja2", "markupsafe", "edge",
                        "cython_runtime"}  # a pseudo-module that Cython extensions (numpy) register
 
 SCRIPT = textwrap.dedent("""
@@ -20,7 +21,7 @@ SCRIPT = textwrap.dedent("""
 
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
+            if any(name == b or name.startswith(b + ".") for b in BLOCKED):
                 attempts.append(name)
                 raise ImportError(f"{name} is blocked (not installed on a board)")
             return None
@@ -36,10 +37,10 @@ SCRIPT = textwrap.dedent("""
     attempts.clear()
 
     import edge, edge.config, edge.errors, edge.manifest, edge.progress
-    import runtime
-    from runtime import Model
-    from runtime.cli import main as run_main
-    from runtime.eval_cli import main as eval_main  # noqa: F401
+    import edge.runtime
+    from edge.runtime import Model
+    from edge.runtime.cli import main as run_main
+    from edge.runtime.eval_cli import main as eval_main  # noqa: F401
 
     model = Model.load(sys.argv[1])
     out = {

@@ -13,8 +13,8 @@ import pytest
 
 from conftest import VARIANTS
 from edge.errors import BundleError, DeviceError
-from runtime import Model
-from runtime.lanes import choose_accelerator, list_devices, make_lanes
+from edge.runtime import Model
+from edge.runtime.lanes import choose_accelerator, list_devices, make_lanes
 
 CHUNK = 16
 VOCAB = 300
@@ -141,9 +141,9 @@ def test_w8a8_side_paths_go_to_cpu_stages_and_match_fused(zoo, tmp_path):
     from edge.config import ExportOptions
     from edge.manifest import read_manifest
     from edge.progress import Progress
-    from export.pipeline import export_model
-    from export.quant_export import AccuracySpec, CalibrationSpec
-    from export.quantize import QuantOptions
+    from edge.export.pipeline import export_model
+    from edge.export.quant.recipe import AccuracySpec, CalibrationSpec
+    from edge.export.quant.plan import QuantOptions
 
     out = tmp_path / "w8a8"
     export_model(zoo.folder("qwen2"), out, ExportOptions(chunk_length=CHUNK, max_context=128), Progress(enabled=False),
@@ -202,7 +202,7 @@ def test_bad_plans_are_refused(zoo, tmp_path):
 def test_fused_only_bundle_refuses_the_split_plan(zoo, tmp_path):
     from edge.config import ExportOptions
     from edge.progress import Progress
-    from export.pipeline import export_model
+    from edge.export.pipeline import export_model
 
     out = tmp_path / "fused-only"
     export_model(zoo.folder("llama"), out, ExportOptions(chunk_length=CHUNK, max_context=64, plans=("fused",)),
@@ -213,16 +213,16 @@ def test_fused_only_bundle_refuses_the_split_plan(zoo, tmp_path):
 
 
 def test_edge_run_devices_trace_and_errors(cli, zoo, tmp_path):
-    out = cli("runtime.cli", "--devices")
+    out = cli("edge.runtime.cli", "--devices")
     assert out.returncode == 0 and "cpu" in out.stdout and "CPUExecutionProvider" in out.stdout
     bundle = zoo.bundle("llama", CHUNK)
     trace = tmp_path / "trace.json"
-    out = cli("runtime.cli", bundle, "--prompt", "hello there", "--max-new-tokens", "4", "--accelerator", "cpu",
+    out = cli("edge.runtime.cli", bundle, "--prompt", "hello there", "--max-new-tokens", "4", "--accelerator", "cpu",
               "--trace", trace, "--stats")
     assert out.returncode == 0, out.stderr
     assert "bubbles" in out.stderr
     assert any(e.get("ph") == "X" for e in json.loads(trace.read_text())["traceEvents"])
-    out = cli("runtime.cli", bundle, "--prompt", "hi", "--plan", "split", "--accelerator", "cuda-nope")
+    out = cli("edge.runtime.cli", bundle, "--prompt", "hi", "--plan", "split", "--accelerator", "cuda-nope")
     assert out.returncode == 1 and "not available here" in out.stderr
 
 
@@ -235,9 +235,9 @@ def test_real_smollm2_split_tokens_match_fused(tmp_path_factory, scheme):
     (attention reads the same static cache rows, onnxruntime picks the same kernels)."""
     from edge.config import ExportOptions
     from edge.progress import Progress
-    from export.pipeline import export_model
-    from export.quant_export import AccuracySpec, CalibrationSpec
-    from export.quantize import QuantOptions
+    from edge.export.pipeline import export_model
+    from edge.export.quant.recipe import AccuracySpec, CalibrationSpec
+    from edge.export.quant.plan import QuantOptions
 
     out = tmp_path_factory.mktemp(f"smollm2-split-{scheme}") / "bundle"
     quant = QuantOptions(prefill="w8a8", decode="int8") if scheme == "w8a8" else None

@@ -26,8 +26,8 @@ import onnxruntime as ort  # noqa: E402
 
 from edge.config import ExportOptions  # noqa: E402
 from edge.progress import Progress  # noqa: E402
-from runtime import Model  # noqa: E402
-from runtime.lanes import Device, Lane, list_devices, qnn_ep_devices  # noqa: E402
+from edge.runtime import Model  # noqa: E402
+from edge.runtime.lanes import Device, Lane, list_devices, qnn_ep_devices  # noqa: E402
 
 CHUNK = 16
 ACCEL_STAGES = ("qkv", "o_proj", "gate_up", "down")
@@ -66,11 +66,11 @@ class MinimalQDQLinear:
 @pytest.fixture(scope="module")
 def qdq_bundle(zoo, tmp_path_factory):
     """The tiny LLaMA exported with every linear in the QDQ form above (fused and split plans).
-    The exporter's own W8A8 (export.quantize) ends its linears in a float MatMul output, which the
+    The exporter's own W8A8 (edge.export.quant) ends its linears in a float MatMul output, which the
     CPU EP fuses best and QNN refuses; this emitter replaces the float export's linears instead."""
-    import export.pipeline as pipeline
-    import export.quant_export as quant_export
-    from export.graph.decoder import DecoderGraph
+    import edge.export.pipeline as pipeline
+    import edge.export.quant.recipe as quant_export
+    from edge.export.graph.decoder import DecoderGraph
 
     emitter = MinimalQDQLinear()
 

@@ -1,4 +1,4 @@
-"""Quantization: the numpy reference (edge.quant) against the emitted graphs run by onnxruntime,
+"""Quantization: the numpy reference (edge.export.quant.reference) against the emitted graphs run by onnxruntime,
 the outlier side path on synthetic outliers, calibration statistics, and a tiny W8A8 export."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from edge.quant import (
+from edge.export.quant.reference import (
     ActQuant,
     LinearQuant,
     dequantize,
@@ -22,10 +22,10 @@ from edge.quant import (
     quantize_weight_int8,
     smooth_scales,
 )
-from export.calibrate import NBINS, ChannelStats, _Accumulator, bin_edges, bin_keys
-from export.clip_search import search
-from export.graph.builder import GraphBuilder, WeightStore
-from export.graph.qlinear import (
+from edge.export.quant.calibrate import NBINS, ChannelStats, _Accumulator, bin_edges, bin_keys
+from edge.export.quant.clip_search import search
+from edge.export.graph.builder import GraphBuilder, WeightStore
+from edge.export.quant.linears import (
     ScopedStore,
     gather_int8_rows,
     int4_linear,
@@ -76,7 +76,7 @@ def test_quantize_dequantize_match_onnx_bit_for_bit(tmp_path, bits):
     # ties (k + 0.5) * s round half to even; values beyond the range saturate
     x = np.concatenate([(np.arange(-140, 140) + 0.5) * s, np.linspace(-5, 5, 301), [-1e6, 1e6, 0.0]]).astype(np.float32)
     x = x[None, :]
-    from export.graph.qlinear import act_qdq
+    from edge.export.quant.linears import act_qdq
 
     def emit(g, xn):
         passes = act_qdq(g, xn, aq)  # 16 bits: hi and lo, each a uint8 QDQ
@@ -254,9 +254,9 @@ def test_histogram_bins_and_smoothing_shift():
 def w8a8_bundle(zoo, tmp_path_factory):
     from edge.config import ExportOptions
     from edge.progress import Progress
-    from export.pipeline import export_model
-    from export.quant_export import AccuracySpec, CalibrationSpec
-    from export.quantize import QuantOptions
+    from edge.export.pipeline import export_model
+    from edge.export.quant.recipe import AccuracySpec, CalibrationSpec
+    from edge.export.quant.plan import QuantOptions
 
     out = tmp_path_factory.mktemp("quant") / "w8a8"
     manifest = export_model(zoo.folder("llama"), out, ExportOptions(chunk_length=16, max_context=128),
@@ -267,7 +267,7 @@ def w8a8_bundle(zoo, tmp_path_factory):
 
 
 def test_tiny_w8a8_export_runs_close_to_float(w8a8_bundle, zoo):
-    from runtime import Model
+    from edge.runtime import Model
 
     out, _ = w8a8_bundle
     q, f = Model.load(out, threads=1), zoo.model("llama", chunk=16, context=128)
@@ -301,14 +301,14 @@ def test_tiny_w8a8_manifest_records_the_plan(w8a8_bundle):
 
 def test_cli_flags_reach_the_manifest(zoo, cli, tmp_path):
     out = tmp_path / "b"
-    r = cli("export.cli", zoo.folder("qwen2"), "-o", out, "--chunk", "16", "--context", "64", "--quant",
+    r = cli("edge.export.cli", zoo.folder("qwen2"), "-o", out, "--chunk", "16", "--context", "64", "--quant",
             "w8a8-nooutliers", "--calib-tokens", "256", "--no-accuracy-report", "--act16", "none", "--calib-chats")
     assert r.returncode == 0, r.stderr
     assert "hot channels" in r.stderr and "half as chats" in r.stderr
     rec = json.loads((out / "manifest.json").read_text())["quantization"]
     assert rec["prefill"] == "w8a8-nooutliers" and rec["decode"] == "int8" and rec["hot_channels"] == 0
     assert "accuracy" not in rec and all(g["bits"] == 8 for g in rec["groups"].values())
-    bad = cli("export.cli", zoo.folder("qwen2"), "-o", tmp_path / "c", "--quant", "w8a8", "--outliers", "many")
+    bad = cli("edge.export.cli", zoo.folder("qwen2"), "-o", tmp_path / "c", "--quant", "w8a8", "--outliers", "many")
     assert bad.returncode == 2 and "--outliers" in bad.stderr
 
 
@@ -320,8 +320,8 @@ def test_calibration_windows_plain_or_half_chats(zoo):
     tokens and all), as prompts reach the model at runtime; the token budget and window length hold."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from export.quant_export import CalibrationSpec, calibration_windows
-    from export.sources import load_source
+    from edge.export.quant.recipe import CalibrationSpec, calibration_windows
+    from edge.export.sources import load_source
 
     src = load_source(zoo.folder("llama"))
     spec = CalibrationSpec(tokens=600, window=128, chats=True)
@@ -346,7 +346,7 @@ def test_decode_head_reads_the_token_table_and_fuses(tmp_path):
     dequantizes 49k x 576 every step: SmolLM2 decode 46 ms/step instead of 9). Sharing the row-scale
     tensor, or the int8 initializer itself, between the lookup and the DequantizeLinear stops that
     fusion: the lookup reads the same stored bytes under a second name."""
-    from export.graph.qdecoder import TABLE
+    from edge.export.quant.decoder import TABLE
 
     rng = np.random.default_rng(8)
     table = rng.normal(size=(300, 64)).astype(np.float32)
@@ -382,9 +382,9 @@ def test_decode_head_reads_the_token_table_and_fuses(tmp_path):
 def tied_w8a8_bundle(zoo, tmp_path_factory):
     from edge.config import ExportOptions
     from edge.progress import Progress
-    from export.pipeline import export_model
-    from export.quant_export import AccuracySpec, CalibrationSpec
-    from export.quantize import QuantOptions
+    from edge.export.pipeline import export_model
+    from edge.export.quant.recipe import AccuracySpec, CalibrationSpec
+    from edge.export.quant.plan import QuantOptions
 
     out = tmp_path_factory.mktemp("quant") / "tied"
     export_model(zoo.folder("llama_tied"), out, ExportOptions(chunk_length=16, max_context=128, plans=("fused",)),
@@ -396,8 +396,8 @@ def tied_w8a8_bundle(zoo, tmp_path_factory):
 def test_tied_w8a8_decode_head_fused_and_close_to_float(tied_w8a8_bundle, zoo, tmp_path):
     """Decode steps of a tied W8A8 bundle (int8 weight-only decode, the table's int8 rows as the
     output projection) against the float bundle's decode steps on the same tokens."""
-    from runtime import Model
-    from runtime.model import session_options
+    from edge.runtime import Model
+    from edge.runtime.model import session_options
 
     so = session_options(1)
     so.optimized_model_filepath = str(tmp_path / "decode_opt.onnx")

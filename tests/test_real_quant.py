@@ -25,9 +25,9 @@ MAX_CHANGE_PERCENT = 1.0
 def w8a8(tmp_path_factory):
     from edge.config import ExportOptions
     from edge.progress import Progress
-    from export.pipeline import export_model
-    from export.quant_export import AccuracySpec, CalibrationSpec
-    from export.quantize import QuantOptions
+    from edge.export.pipeline import export_model
+    from edge.export.quant.recipe import AccuracySpec, CalibrationSpec
+    from edge.export.quant.plan import QuantOptions
 
     out = tmp_path_factory.mktemp("smollm2-w8a8") / "bundle"
     manifest = export_model("smollm2-135m", out, ExportOptions(chunk_length=128, max_context=1024, plans=("fused",)),
@@ -39,7 +39,7 @@ def w8a8(tmp_path_factory):
 
 def test_quantized_smollm2_answers_paris(w8a8):
     out, _ = w8a8
-    r = subprocess.run([sys.executable, "-m", "runtime.cli", str(out), "--prompt", "What is the capital of France?",
+    r = subprocess.run([sys.executable, "-m", "edge.runtime.cli", str(out), "--prompt", "What is the capital of France?",
                         "--max-new-tokens", "24"], capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
@@ -51,7 +51,7 @@ def test_quantized_smollm2_decode_head_is_fused(w8a8, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from runtime.model import session_options
+    from edge.runtime.model import session_options
 
     out, _ = w8a8
     so = session_options(2)

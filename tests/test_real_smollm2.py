@@ -19,9 +19,9 @@ pytestmark = pytest.mark.real
 def real(tmp_path_factory):
     from edge.config import ExportOptions
     from edge.progress import Progress
-    from export.pipeline import export_model
-    from export.sources import load_source
-    from export.sources.hf_writer import write_hf_folder
+    from edge.export.pipeline import export_model
+    from edge.export.sources import load_source
+    from edge.export.sources.hf_writer import write_hf_folder
 
     root = tmp_path_factory.mktemp("smollm2")
     export_model("smollm2-135m", root / "bundle", ExportOptions(), Progress(enabled=False))
@@ -30,7 +30,7 @@ def real(tmp_path_factory):
 
 
 def test_edge_run_answers_paris(real):
-    out = subprocess.run([sys.executable, "-m", "runtime.cli", str(real / "bundle"), "--prompt",
+    out = subprocess.run([sys.executable, "-m", "edge.runtime.cli", str(real / "bundle"), "--prompt",
                           "What is the capital of France?", "--max-new-tokens", "24"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -41,17 +41,17 @@ def test_perplexity_matches_transformers(real):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from runtime.perplexity import default_text, log_softmax, windows_of
+    from edge.runtime.perplexity import default_text, log_softmax, windows_of
 
     tokens, window = 4096, 1024
-    out = subprocess.run([sys.executable, "-m", "runtime.eval_cli", str(real / "bundle"), "--perplexity", "--json",
+    out = subprocess.run([sys.executable, "-m", "edge.runtime.eval_cli", str(real / "bundle"), "--perplexity", "--json",
                           "--tokens", str(tokens), "--window", str(window)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     ours = json.loads(out.stdout)
     assert ours["tokens"] == tokens
 
-    from runtime.tokenizer import Tokenizer
+    from edge.runtime.tokenizer import Tokenizer
     tok = Tokenizer(real / "bundle" / "tokenizer.json", None)
     ids = tok.encode(default_text())
     ref = AutoModelForCausalLM.from_pretrained(real / "hf", dtype=torch.float32).eval()

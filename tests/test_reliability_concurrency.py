@@ -1,6 +1,6 @@
 """One loaded Model serves several threads at once (onnxruntime sessions are thread-safe; each
 generation has its own KV cache, sampler and stream decoder), and many generations in a row do
-not grow resident memory (bench/soak.py)."""
+not grow resident memory (edge.bench.soak)."""
 
 from __future__ import annotations
 
@@ -75,9 +75,9 @@ def test_threads_with_their_own_caches_interleave_decode_steps(zoo):
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc (Linux)")
 def test_soak_script_reports_no_memory_growth(zoo):
-    """bench/soak.py, shortened: memory after warm-up stays within 5%."""
+    """edge.bench.soak, shortened: memory after warm-up stays within 5%."""
     bundle = zoo.bundle("llama")
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "soak.py"), str(bundle), "--generations", "80",
+    r = subprocess.run([sys.executable, "-m", "edge.bench.soak", str(bundle), "--generations", "80",
                         "--warmup", "20", "--max-new-tokens", "16", "--threads", "1", "--json"],
                        cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})

@@ -26,7 +26,7 @@ import pytest
 
 from edge.errors import BundleError
 from edge.manifest import MANIFEST_NAME
-from runtime.bundle import open_bundle
+from edge.runtime.bundle import open_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).with_name("reliability_export_child.py")
@@ -73,7 +73,7 @@ def stale(parent: Path) -> list[str]:
 
 
 def rerun_cli(folder: Path, target: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "export.cli", *cli_args(folder, str(target))], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "edge.export.cli", *cli_args(folder, str(target))], cwd=REPO,
                        env=child_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
 

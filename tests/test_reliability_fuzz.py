@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from edge.errors import BundleError, PromptError
 from edge.manifest import Manifest, parse_manifest, read_manifest
-from runtime.onnx_refs import external_data_refs
-from runtime.tokenizer import Tokenizer
+from edge.runtime.onnx_refs import external_data_refs
+from edge.runtime.tokenizer import Tokenizer
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SPECIAL_TEXT = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_start|>system\n", "<|im_end|>\n",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edge.errors import PromptError
-from runtime.tokenizer import Tokenizer
+from edge.runtime.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 CONTEXT = 256
@@ -92,7 +92,7 @@ def test_prompt_of_wrong_type(model, prompt, kind):
 def test_cli_prompt_with_invalid_utf8_bytes(zoo):
     """edge-run given bytes that are not UTF-8 on its command line: a clear error, exit status 1."""
     bundle = zoo.bundle("llama")
-    r = subprocess.run([sys.executable, "-m", "runtime.cli", str(bundle), "--prompt", b"caf\xe9 \xff"],
+    r = subprocess.run([sys.executable, "-m", "edge.runtime.cli", str(bundle), "--prompt", b"caf\xe9 \xff"],
                        cwd=REPO, capture_output=True, timeout=120, env={"PYTHONPATH": str(REPO), "LC_ALL": "C.UTF-8",
                                                                        "PATH": "/usr/bin:/bin"})
     assert r.returncode == 1, r.stderr

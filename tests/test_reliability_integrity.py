@@ -23,9 +23,9 @@ from onnx import TensorProto, helper
 
 from edge.errors import BundleError
 from edge.manifest import file_record, parse_manifest, read_manifest
-from runtime import Model
-from runtime.bundle import open_bundle
-from runtime.onnx_refs import external_data_refs
+from edge.runtime import Model
+from edge.runtime.bundle import open_bundle
+from edge.runtime.onnx_refs import external_data_refs
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(chunk=16, context=64)
@@ -197,7 +197,7 @@ PICKLE_MODULES = {"pickle", "cPickle", "dill", "joblib", "shelve", "marshal", "c
 
 
 def test_runtime_and_core_never_unpickle():
-    """No code a board runs (runtime/, edge/) can unpickle: no pickle-family import, no np.load /
+    """No code a board runs (edge.runtime = runtime/, the core edge/) can unpickle: no pickle-family import, no np.load /
     numpy.load / torch.load call, no allow_pickle anywhere (checked on the syntax tree)."""
     offenders = []
     for pkg in ("runtime", "edge"):

@@ -11,8 +11,8 @@ import pytest
 from edge.config import ExportOptions
 from edge.errors import PromptError
 from edge.progress import Progress
-from runtime import Model, SamplingParams
-from runtime.sampling import Sampler
+from edge.runtime import Model, SamplingParams
+from edge.runtime.sampling import Sampler
 
 PROMPT = "hello world"  # the tiny llama continues it for 20+ tokens, raw and templated
 
@@ -116,7 +116,7 @@ def test_generate_uses_template_unless_raw(model, raw):
 
 
 def test_bundle_without_chat_template_needs_raw(zoo, tmp_path):
-    from export.pipeline import export_model
+    from edge.export.pipeline import export_model
 
     folder = zoo.copy_folder(tmp_path)
     cfg = json.loads((folder / "tokenizer_config.json").read_text())

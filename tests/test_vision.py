@@ -30,9 +30,9 @@ from tiny_vlm import load_processor, make_tiny_vlm, photos
 from edge.config import ExportOptions
 from edge.errors import ImageError, PromptError
 from edge.progress import Progress
-from export.pipeline import export_model
-from runtime import Model
-from runtime.image import load_image, preprocess
+from edge.export.pipeline import export_model
+from edge.runtime import Model
+from edge.runtime.image import load_image, preprocess
 
 ATOL = 1e-3  # the issue's float tolerance; measured errors are ~1e-5
 CONTEXT = 512
@@ -268,12 +268,12 @@ def test_smolvlm_architecture_exports_too(tmp_path):
 
 BOARD = textwrap.dedent("""
     import importlib.abc, json, sys
-    BLOCKED = {"torch", "transformers", "onnx", "export", "safetensors", "skimage", "scipy", "sklearn"}
+    BLOCKED = {"torch", "transformers", "onnx", "edge.export", "edge.bench", "safetensors", "skimage", "scipy", "sklearn"}
     attempts = []
 
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
+            if any(name == b or name.startswith(b + ".") for b in BLOCKED):
                 attempts.append(name)
                 raise ImportError(f"{name} is blocked (not installed on a board)")
             return None
@@ -286,8 +286,8 @@ BOARD = textwrap.dedent("""
     else:
         raise SystemExit("guard failed")
     import numpy as np
-    from runtime import Model
-    from runtime.cli import main as run_main
+    from edge.runtime import Model
+    from edge.runtime.cli import main as run_main
 
     bundle, photo = sys.argv[1], sys.argv[2]
     model = Model.load(bundle)
@@ -325,13 +325,13 @@ def test_cli_takes_repeated_images(vlm, cli, tmp_path):
     for name in ("coffee_landscape", "astronaut_square"):
         paths.append(tmp_path / f"{name}.png")
         Image.fromarray(PHOTOS[name]).save(paths[-1])
-    r = cli("runtime.cli", vlm.bundles[24], "--image", paths[0], "--image", paths[1], "--prompt", "Which one?",
+    r = cli("edge.runtime.cli", vlm.bundles[24], "--image", paths[0], "--image", paths[1], "--prompt", "Which one?",
             "--max-new-tokens", "8")
     assert r.returncode == 0, r.stderr
     expected = vlm.models[24].generate("Which one?", images=[PHOTOS["coffee_landscape"], PHOTOS["astronaut_square"]],
                                        max_new_tokens=8)
     assert r.stdout == expected + "\n"
-    r = cli("runtime.cli", vlm.bundles[24], "--image", tmp_path / "missing.png", "--prompt", "Hi")
+    r = cli("edge.runtime.cli", vlm.bundles[24], "--image", tmp_path / "missing.png", "--prompt", "Hi")
     assert r.returncode == 1 and "missing.png" in r.stderr and "no such file" in r.stderr
     assert "Traceback" not in r.stderr
 

@@ -22,14 +22,14 @@ from tiny_vlm import make_tiny_vlm, photos
 from edge.config import ExportOptions
 from edge.errors import BundleError
 from edge.progress import Progress
-from export.cli import main as export_main
-from export.families import family_for
-from export.graph.builder import WeightStore
-from export.graph.qlinear import PlannedLinear
-from export.graph.vision import build_vision_graph
-from export.pipeline import export_model
-from export.sources import load_source
-from export.vision_quant import (
+from edge.export.cli import main as export_main
+from edge.export.families import family_for
+from edge.export.graph.builder import WeightStore
+from edge.export.quant.linears import PlannedLinear
+from edge.export.graph.vision import build_vision_graph
+from edge.export.pipeline import export_model
+from edge.export.sources import load_source
+from edge.export.quant.vision import (
     calibrate_w8a8,
     embedding_cosines,
     int8_np_linear,
@@ -39,8 +39,8 @@ from export.vision_quant import (
     vision_linear,
     vision_linear_names,
 )
-from runtime import Model
-from runtime.image import load_image, preprocess
+from edge.runtime import Model
+from edge.runtime.image import load_image, preprocess
 
 PHOTOS = photos()
 CONTEXT, CHUNK = 512, 24  # 24: chunk boundaries fall inside the image tokens

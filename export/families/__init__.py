@@ -13,7 +13,7 @@ from edge.errors import UnsupportedModelError
 if TYPE_CHECKING:
     from edge.vision import VisionConfig
 
-    from ..sources import SourceModel
+    from edge.export.sources import SourceModel
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def register(family: Family) -> Family:
 
 
 def family_for(architecture: str) -> Family:
-    from . import idefics3, llama, qwen2  # noqa: F401  (registration)
+    from edge.export.families import idefics3, llama, qwen2  # noqa: F401  (registration)
 
     if architecture not in FAMILIES:
         raise UnsupportedModelError(

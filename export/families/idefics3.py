@@ -26,10 +26,10 @@ from edge.config import DecoderConfig
 from edge.errors import UnsupportedModelError
 from edge.vision import VisionConfig
 
-from . import Family, llama, register
+from edge.export.families import Family, llama, register
 
 if TYPE_CHECKING:
-    from ..sources import SourceModel
+    from edge.export.sources import SourceModel
 
 TEXT_PREFIX = "model.text_model."
 VISION_PREFIX = "model.vision_model."

@@ -9,7 +9,7 @@ import numpy as np
 from edge.config import DecoderConfig
 from edge.errors import UnsupportedModelError
 
-from . import Family, register
+from edge.export.families import Family, register
 
 
 def rope_theta(cfg: dict[str, Any]) -> float:

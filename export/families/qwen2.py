@@ -7,8 +7,8 @@ from typing import Any
 from edge.config import DecoderConfig
 from edge.errors import UnsupportedModelError
 
-from . import Family, register
-from .llama import decoder_config, sanitize
+from edge.export.families import Family, register
+from edge.export.families.llama import decoder_config, sanitize
 
 
 def qwen2_config(cfg: dict[str, Any], special: dict[str, Any]) -> DecoderConfig:

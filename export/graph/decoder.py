@@ -19,7 +19,7 @@ from onnx import TensorProto
 
 from edge.config import DecoderConfig
 
-from .builder import GraphBuilder, WeightStore
+from edge.export.graph.builder import GraphBuilder, WeightStore
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 NEG_INF = np.float32(-3.0e38)  # finite: a fully masked row can never turn into NaN

@@ -33,8 +33,8 @@ from onnx import TensorProto
 
 from edge.plans import SplitPlan, Stage
 
-from .builder import GraphBuilder
-from .decoder import DecoderGraph, LinearEmitter
+from edge.export.graph.builder import GraphBuilder
+from edge.export.graph.decoder import DecoderGraph, LinearEmitter
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 

@@ -22,8 +22,8 @@ from onnx import TensorProto
 
 from edge.vision import VisionConfig
 
-from .builder import GraphBuilder, WeightStore
-from .decoder import LinearEmitter, float_linear
+from edge.export.graph.builder import GraphBuilder, WeightStore
+from edge.export.graph.decoder import LinearEmitter, float_linear
 
 F32 = TensorProto.FLOAT
 V = "model.vision_model."

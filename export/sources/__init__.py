@@ -50,7 +50,7 @@ def peek_architecture(model: str | Path) -> str | None:
 
 def load_source(model: str | Path) -> SourceModel:
     """Resolve MODEL: a built-in alias, a .gguf file, or a Hugging Face folder."""
-    from . import gguf_file, hf_folder  # noqa: F401  (register aliases)
+    from edge.export.sources import gguf_file, hf_folder  # noqa: F401  (register aliases)
 
     key = str(model)
     if key in ALIASES:

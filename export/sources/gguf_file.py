@@ -17,7 +17,7 @@ import numpy as np
 
 from edge.errors import ModelSourceError, UnsupportedModelError
 
-from . import ALIASES, SourceModel
+from edge.export.sources import ALIASES, SourceModel
 
 HF_ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from edge.errors import ModelSourceError
 
-from . import SourceModel
+from edge.export.sources import SourceModel
 
 
 # read when present, for families that need them (image processor settings, generation stops)

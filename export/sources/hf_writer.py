@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import SourceModel
+from edge.export.sources import SourceModel
 
 
 def write_hf_folder(source: SourceModel, out_dir: str | Path) -> Path:

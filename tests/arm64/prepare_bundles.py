@@ -35,10 +35,10 @@ def main(out: Path) -> dict:
 
     from edge.config import ExportOptions
     from edge.progress import Progress
-    from export.pipeline import export_model
-    from export.quant_export import AccuracySpec, CalibrationSpec
-    from export.quantize import QuantOptions
-    from runtime import Model
+    from edge.export.pipeline import export_model
+    from edge.export.quant.recipe import AccuracySpec, CalibrationSpec
+    from edge.export.quant.plan import QuantOptions
+    from edge.runtime import Model
     from tiny_models import make_tiny
 
     out.mkdir(parents=True, exist_ok=True)

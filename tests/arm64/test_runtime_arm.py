@@ -29,7 +29,7 @@ def expected() -> dict:
 
 @pytest.fixture(scope="module")
 def models(expected):
-    from runtime import Model
+    from edge.runtime import Model
 
     return {name: Model.load(Path(ROOT) / name, threads=1) for name in expected["bundles"]}
 
@@ -72,7 +72,7 @@ def test_injected_control_tokens_stay_text(models):
 
 def test_damaged_bundle_refused(tmp_path):
     from edge.errors import BundleError
-    from runtime import Model
+    from edge.runtime import Model
 
     b = tmp_path / "b"
     shutil.copytree(Path(ROOT) / "llama", b)
@@ -111,4 +111,4 @@ def test_two_threads_one_model(models, expected):
 
 def test_no_heavy_imports():
     """What the board runs never pulled in the exporter's or the test suite's heavy packages."""
-    assert not {"torch", "transformers", "onnx", "export"} & set(sys.modules)
+    assert not {"torch", "transformers", "onnx", "edge.export", "edge.bench"} & set(sys.modules)

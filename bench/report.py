@@ -204,7 +204,7 @@ def plot(report: dict, path: str | Path) -> list[Path]:
     for s in report["systems"]:
         traced = [r for r in s["results"] if r["status"] == "ok" and r.get("trace") and Path(r["trace"]).is_file()]
         if traced:
-            from .trace import Trace
+            from edge.runtime.trace import Trace
 
             r = traced[-1]  # the longest prompt
             safe = s["name"].replace(" ", "_").replace("/", "_")

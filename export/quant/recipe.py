@@ -18,24 +18,24 @@ import numpy as np
 
 from edge.config import DecoderConfig, ExportOptions
 from edge.progress import Progress
-from edge.quant import LinearQuant, dequantize_weight_int8, quantize_weight_int8
+from edge.export.quant.reference import LinearQuant, dequantize_weight_int8, quantize_weight_int8
 
-from .accuracy import EVAL_TOKENS, EVAL_WINDOW, graph_perplexity, report
-from .calibrate import HEAD, Calibration, calibrate
-from .graph.builder import WeightStore
-from .graph.decoder import DecoderGraph, LinearEmitter, build_embed_graph
-from .graph.qdecoder import TABLE, QuantDecoderGraph, build_int8_embed_graph
-from .graph.qlinear import DECODE_EMITTERS, PlannedLinear, ScopedStore
-from .quantize import QuantOptions, QuantPlan, plan_quantization
+from edge.export.quant.accuracy import EVAL_TOKENS, EVAL_WINDOW, graph_perplexity, report
+from edge.export.quant.calibrate import HEAD, Calibration, calibrate
+from edge.export.graph.builder import WeightStore
+from edge.export.graph.decoder import DecoderGraph, LinearEmitter, build_embed_graph
+from edge.export.quant.decoder import TABLE, QuantDecoderGraph, build_int8_embed_graph
+from edge.export.quant.linears import DECODE_EMITTERS, PlannedLinear, ScopedStore
+from edge.export.quant.plan import QuantOptions, QuantPlan, plan_quantization
 
 FLOAT = QuantOptions(prefill="fp32", decode="fp32")
 CALIB_TOKENS, CALIB_WINDOW = 32768, 512
-INT4_ACCURACY_LEVEL = 4  # see qlinear.int4_linear
+INT4_ACCURACY_LEVEL = 4  # see linears.int4_linear
 
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    text: str | None = None  # None: the first half of runtime.perplexity.default_text()
+    text: str | None = None  # None: the first half of edge.runtime.perplexity.default_text()
     tokens: int = CALIB_TOKENS
     window: int = CALIB_WINDOW
     label: str = "pydoc_data.topics, first half"
@@ -69,8 +69,8 @@ def calibration_windows(tokenizer_json: str, chat_template: str | None, spec: Ca
     assistant: second half) in the model's own template, as prompts reach the model at runtime: its
     control tokens drive some channels far beyond plain text (x30 at some down_proj inputs of
     SmolLM2), yet the wider ranges this calibrates cost more than they save (see CalibrationSpec)."""
-    from runtime.perplexity import default_text, split_text
-    from runtime.tokenizer import Tokenizer
+    from edge.runtime.perplexity import default_text, split_text
+    from edge.runtime.tokenizer import Tokenizer
 
     text = spec.text if spec.text is not None else split_text(default_text())[0]
     tok = Tokenizer.from_json_text(tokenizer_json, chat_template)
@@ -183,7 +183,7 @@ def measure(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], bundle_model,
             plan: QuantPlan | None, chunk: int, spec: AccuracySpec, progress: Progress) -> dict[str, Any]:
     """Perplexities on the held-out text: the bundle's prefill (runtime, as written), the float
     model, and the decode weights scheme (its graph in prefill form, same chunking)."""
-    from runtime.perplexity import bundle_perplexity, heldout_text
+    from edge.runtime.perplexity import bundle_perplexity, heldout_text
 
     text = heldout_text()
     ids = bundle_model.tokenizer.encode(text)

@@ -24,9 +24,9 @@ import onnxruntime as ort
 from edge.config import DecoderConfig
 from edge.progress import Progress
 
-from .graph.builder import GraphBuilder, WeightStore
-from .graph.decoder import DecoderGraph, float_linear
-from .smooth import HEAD  # the output projection's name in the groups
+from edge.export.graph.builder import GraphBuilder, WeightStore
+from edge.export.graph.decoder import DecoderGraph, float_linear
+from edge.export.quant.smooth import HEAD  # the output projection's name in the groups
 
 F32 = onnx.TensorProto.FLOAT
 LOG2_LO, OCTAVES, PER_OCTAVE = -24, 40, 8  # |x| in [2^-24, 2^16); below -> bin 0, above -> last bin
@@ -148,8 +148,8 @@ def calibrate(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], windows: Se
     """Statistics of every linear input over the token ``windows``, each run as a fresh context
     (each starts like a prompt does: its first tokens are where the largest activations appear,
     so a calibration without window starts would miss them)."""
-    from runtime.kv_cache import KVCache
-    from runtime.model import session_options
+    from edge.runtime.kv_cache import KVCache
+    from edge.runtime.model import session_options
 
     progress = progress or Progress(enabled=False)
     wins = [list(w) for w in windows if len(w)]

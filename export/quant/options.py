@@ -7,9 +7,9 @@ from pathlib import Path
 
 from edge.errors import EdgeError
 
-from .accuracy import EVAL_TOKENS, EVAL_WINDOW
-from .quant_export import CALIB_TOKENS, CALIB_WINDOW, AccuracySpec, CalibrationSpec
-from .quantize import DECODE_SCHEMES, PREFILL_SCHEMES, QuantOptions
+from edge.export.quant.accuracy import EVAL_TOKENS, EVAL_WINDOW
+from edge.export.quant.recipe import CALIB_TOKENS, CALIB_WINDOW, AccuracySpec, CalibrationSpec
+from edge.export.quant.plan import DECODE_SCHEMES, PREFILL_SCHEMES, QuantOptions
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge.quant import ActQuant, LinearQuant
+from edge.export.quant.reference import ActQuant, LinearQuant
 
-from . import smooth
-from .calibrate import HEAD, Calibration
-from .clip_search import Curve, search, weight_error
+from edge.export.quant import smooth
+from edge.export.quant.calibrate import HEAD, Calibration
+from edge.export.quant.clip_search import Curve, search, weight_error
 
 PREFILL_SCHEMES = ("w8a8", "w8a8-nooutliers", "fp32")
 DECODE_SCHEMES = ("int8", "int4", "fp32")

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.quant import ActQuant, LinearQuant, quantize_int4_blocks, quantize_weight_int8
+from edge.export.quant.reference import ActQuant, LinearQuant, quantize_int4_blocks, quantize_weight_int8
 
-from .builder import GraphBuilder, WeightStore
-from .decoder import LinearEmitter, float_linear
+from edge.export.graph.builder import GraphBuilder, WeightStore
+from edge.export.graph.decoder import LinearEmitter, float_linear
 
 MS = "com.microsoft"
 
@@ -62,7 +62,7 @@ def _emitted(g: GraphBuilder, node_name: str) -> bool:
 
 
 def act_qdq(g: GraphBuilder, x: str, aq: ActQuant) -> list[str]:
-    """The quantized passes of x (8-bit: one; 16-bit: hi and lo, see edge.quant.ActQuant), emitted
+    """The quantized passes of x (8-bit: one; 16-bit: hi and lo, see reference.ActQuant), emitted
     once per graph whoever consumes them (q/k/v share one)."""
     tag = f"{x}/a{aq.bits}"
     if not _emitted(g, tag + "/hi"):

@@ -37,7 +37,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import PEERS, BenchOptions
+    from edge.bench.run import PEERS, BenchOptions
 
     d = BenchOptions()
     p = argparse.ArgumentParser(prog="edge-bench", description=__doc__,
@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .bench import PEERS, BenchOptions, run_bench
-    from .bench_report import plot, table
+    from edge.bench.run import PEERS, BenchOptions, run_bench
+    from edge.bench.report import plot, table
 
     args = build_parser().parse_args(argv)
     unknown = [c for c in args.compare if c not in PEERS]

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edge.quant import smooth_scales
+from edge.export.quant.reference import smooth_scales
 
 # consumer (first linear of a group) suffix -> (producer tensor suffix, kind)
 _PRODUCERS = {

@@ -1,5 +1,5 @@
 """Accuracy at export: perplexity of a prefill graph over held-out text, chunked as the runtime
-chunks it, each window a fresh context (runtime.perplexity does the scoring)."""
+chunks it, each window a fresh context (edge.runtime.perplexity does the scoring)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import onnxruntime as ort
 from edge.config import DecoderConfig
 from edge.progress import Progress
 
-from .graph.builder import WeightStore
-from .graph.decoder import DecoderGraph, LinearEmitter
+from edge.export.graph.builder import WeightStore
+from edge.export.graph.decoder import DecoderGraph, LinearEmitter
 
 EVAL_TOKENS, EVAL_WINDOW = 8192, 1024
 
@@ -27,9 +27,9 @@ def graph_perplexity(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], ids:
     """Perplexity of the prefill graph built from ``weights`` with ``linear`` (float by default).
     The graph's context is the window: positions past it are masked anyway, and fewer are faster.
     ``lookup``: the token table to embed with (default: the float one)."""
-    from runtime.kv_cache import KVCache
-    from runtime.model import session_options
-    from runtime.perplexity import perplexity
+    from edge.runtime.kv_cache import KVCache
+    from edge.runtime.model import session_options
+    from edge.runtime.perplexity import perplexity
 
     context = -(-window // chunk) * chunk
     with tempfile.TemporaryDirectory(prefix="edge-eval-") as tmp:

@@ -3,11 +3,11 @@ protocol of ``edge.bench`` (same token ids, same thread count, greedy, empty cac
 
 - ``llama.cpp``: llama-cpp-python on the GGUF file itself (its own quantized kernels);
 - ``optimum``: ORTModelForCausalLM on the float ONNX model that optimum exports from a Hugging Face
-  folder of the same weights (written from the GGUF by ``export.sources.hf_writer`` when the source
+  folder of the same weights (written from the GGUF by ``edge.export.sources.hf_writer`` when the source
   is a GGUF). The export is made once by ``--prepare`` in a separate child and kept in the cache
   dir, keyed by the source's checksum and the versions of optimum, transformers and torch.
 
-Run by edge-bench (``runtime.bench``) as ``python -m export.bench_peers --prepare|--worker SPEC``.
+Run by edge-bench (``edge.bench.run``) as ``python -m edge.bench.peers --prepare|--worker SPEC``.
 Nothing here is imported by the runtime; the peers' packages are the ``bench`` extra.
 """
 
@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edge.bench import Skip, folder_size, rss_mib, time_generation, worker_main
+from edge.bench.worker import Skip, folder_size, rss_mib, time_generation, worker_main
 
 
 def _version(dist: str) -> str | None:
@@ -115,8 +115,8 @@ def prepare_optimum(spec: dict) -> dict:
         cache.mkdir(parents=True, exist_ok=True)
         hf = source
         if source.is_file():  # a GGUF: write the HF folder transformers loads (float32 weights)
-            from .sources import load_source
-            from .sources.hf_writer import write_hf_folder
+            from edge.export.sources import load_source
+            from edge.export.sources.hf_writer import write_hf_folder
 
             hf = cache / f"hf-{source.stem}-{key}"
             if not (hf / "config.json").is_file():

@@ -3,10 +3,10 @@
 Runs on a board too: numpy + onnxruntime + stdlib here. Every (system, prompt length) is measured
 in its own child process (``edge.bench`` has the protocol), so peak memory is that system's alone
 and a crashing or missing peer costs only its own row. The peers (llama.cpp through
-llama-cpp-python, optimum's ORTModelForCausalLM) live in ``export.bench_peers`` and are started as
+llama-cpp-python, optimum's ORTModelForCausalLM) live in ``edge.bench.peers`` and are started as
 child processes, never imported here; a missing one is reported as skipped with the reason.
 
-Prompts: the first N tokens of ``runtime.perplexity.default_text()`` (real English prose and code)
+Prompts: the first N tokens of ``edge.runtime.perplexity.default_text()`` (real English prose and code)
 under the first bundle's tokenizer; every system gets the same token ids (the peers must have the
 same vocabulary: checked by size in their workers).
 """
@@ -29,11 +29,12 @@ from typing import Any, Callable
 import numpy as np
 import onnxruntime as ort
 
-from edge.bench import SCHEMA, Skip, folder_size, rss_mib, time_generation, worker_main
+import edge
+from edge.bench.worker import SCHEMA, Skip, folder_size, rss_mib, time_generation, worker_main
 
 PEERS = ("llama.cpp", "optimum")
-PEER_MODULE = "export.bench_peers"
-REPO_ROOT = Path(__file__).resolve().parents[1]  # parent of the runtime package (source checkout or site-packages)
+PEER_MODULE = "edge.bench.peers"
+IMPORT_ROOT = Path(edge.__file__).resolve().parents[1]  # the folder holding the edge package (checkout or site-packages)
 
 
 @dataclass
@@ -60,7 +61,7 @@ class BenchOptions:
     threads: int = 2
     compare: tuple[str, ...] = ()
     plans: tuple[str, ...] | None = None  # None = every plan each bundle has
-    accelerator: str = "auto"   # split plans: the accelerator lane (runtime.lanes)
+    accelerator: str = "auto"   # split plans: the accelerator lane (edge.runtime.lanes)
     gguf: str | None = None
     hf: str | None = None
     cache_dir: str = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-bench")
@@ -71,8 +72,8 @@ class BenchOptions:
 # ------------------------------------------------------------------------------------------ prompts
 def prompt_ids(tokenizer_json: Path, n_max: int) -> list[int]:
     """The first ``n_max`` token ids of the default text."""
-    from .perplexity import default_text
-    from .tokenizer import Tokenizer
+    from edge.runtime.perplexity import default_text
+    from edge.runtime.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer_json, None)
     text = default_text()
@@ -89,7 +90,7 @@ def prompt_ids(tokenizer_json: Path, n_max: int) -> list[int]:
 
 # ------------------------------------------------------------------------------------------ systems
 def edge_systems(bundle: str, opts: BenchOptions) -> tuple[list[System], Any]:
-    from .bundle import open_bundle
+    from edge.runtime.bundle import open_bundle
 
     b = open_bundle(Path(bundle), verify_hashes=False)
     m = b.manifest
@@ -99,7 +100,7 @@ def edge_systems(bundle: str, opts: BenchOptions) -> tuple[list[System], Any]:
     for plan in m.plans.names:
         if opts.plans is not None and plan not in opts.plans:
             continue
-        s = System(f"edge {stem} {plan}", "edge", "runtime.bench",
+        s = System(f"edge {stem} {plan}", "edge", "edge.bench.run",
                    {"bundle": str(b.path), "plan": plan, "accelerator": opts.accelerator,
                     "max_context": m.max_context, "quantization": m.quantization},
                    size, f"bundle folder {b.path}")
@@ -138,7 +139,7 @@ def peer_systems(manifest: Any, opts: BenchOptions) -> list[System]:
 # ------------------------------------------------------------------------------------------ children
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join([str(IMPORT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env.pop(var, None)
     return env
@@ -178,8 +179,8 @@ def run_child(system: System, ids: list[int], opts: BenchOptions, log: Callable[
 
 
 def run_bench(bundles: list[str], opts: BenchOptions, log: Callable[[str], None] = print) -> dict:
-    """Measure every bundle (each plan) and the peers; the report dict (see runtime.bench_report)."""
-    from .bench_report import summarize
+    """Measure every bundle (each plan) and the peers; the report dict (see edge.bench.report)."""
+    from edge.bench.report import summarize
 
     if not bundles:
         raise ValueError("give at least one bundle")
@@ -226,7 +227,7 @@ def run_bench(bundles: list[str], opts: BenchOptions, log: Callable[[str], None]
         "onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version(),
         "threads": opts.threads, "prompt_tokens": list(opts.prompt_tokens), "new_tokens": opts.new_tokens,
         "repeat": opts.repeat, "rounds": opts.rounds, "warmup": opts.warmup,
-        "prompt_source": "runtime.perplexity.default_text() (pydoc topics), first N tokens, tokenizer of "
+        "prompt_source": "edge.runtime.perplexity.default_text() (pydoc topics), first N tokens, tokenizer of "
                          f"{Path(b0).name}",
         "timing": "TTFT = token ids in -> first greedy token (embed + prefill + argmax); prefill tok/s = N / TTFT; "
                   "decode tok/s = new_tokens greedy steps / their time; peak RSS = child's VmHWM; "
@@ -264,7 +265,7 @@ def machine_info() -> dict:
 
 # ------------------------------------------------------------------------------------------ edge worker
 def measure_edge(spec: dict) -> dict:
-    from .model import Model
+    from edge.runtime.model import Model
 
     threads = int(spec["threads"])
     t0 = time.perf_counter()

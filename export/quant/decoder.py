@@ -6,7 +6,7 @@ a quantized bundle holds the 49k x 576 table once, at a quarter of its float siz
 The output projection is DQ(int8 table^T) -> MatMul like every other int8 linear; in the
 decode graph (float activations) onnxruntime turns it into an 8-bit MatMulNBits at load time. That
 fusion needs the DequantizeLinear's inputs to itself: the lookup reads the int8 bytes under a
-second initializer name and its own copy of the row scales (qlinear.gather_int8_rows). With one shared scale tensor the head stays unfused and
+second initializer name and its own copy of the row scales (linears.gather_int8_rows). With one shared scale tensor the head stays unfused and
 dequantizes the whole table on every step: SmolLM2 decode 46 ms/step instead of 9 ms
 (tests/test_quant.py::test_decode_head_reads_the_token_table_and_fuses guards it).
 """
@@ -19,11 +19,11 @@ import numpy as np
 from onnx import TensorProto
 
 from edge.config import DecoderConfig
-from edge.quant import LinearQuant
+from edge.export.quant.reference import LinearQuant
 
-from .builder import GraphBuilder, WeightStore
-from .decoder import DecoderGraph, LinearEmitter
-from .qlinear import gather_int8_rows, quant_linear
+from edge.export.graph.builder import GraphBuilder, WeightStore
+from edge.export.graph.decoder import DecoderGraph, LinearEmitter
+from edge.export.quant.linears import gather_int8_rows, quant_linear
 
 TABLE = "model.embed_tokens"
 

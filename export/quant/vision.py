@@ -2,9 +2,9 @@
 
 Forms (``--vision-weights``, recorded as ``vision.linear_weights`` in the manifest):
 - ``fp32``: float Gemm, as transformers computes it.
-- ``int8``: weight-only, symmetric, one scale per output channel (edge.quant.quantize_weight_int8);
+- ``int8``: weight-only, symmetric, one scale per output channel (reference.quantize_weight_int8);
   the int8 tensors replace the float ones in weights.bin (about 1/4 of the size). Emitted as
-  qlinear's DQ -> MatMul: literally, float activations times the dequantized weights
+  linears.py's DQ -> MatMul: literally, float activations times the dequantized weights
   (``int8_np_linear``). onnxruntime's CPU EP (1.32, default optimizations) fuses each into an 8-bit
   MatMulNBits with accuracy_level 4, which also quantizes the activations on the fly: int8,
   symmetric, one scale per row and block of 32 input channels (``matmulnbits_np_linear``
@@ -12,7 +12,7 @@ Forms (``--vision-weights``, recorded as ``vision.linear_weights`` in the manife
 
 W8A8 (static per-tensor int8 activations, the decoder's prefill form) is available from Python for
 experiments: ``calibrate_w8a8`` takes activation ranges from tiles (real images) and returns plans
-for qlinear.PlannedLinear. It is not an export option: it needs calibration images at export time
+for linears.PlannedLinear. It is not an export option: it needs calibration images at export time
 and loses more accuracy than weight-only int8 (see README, SmolVLM section).
 
 ``reference_image_embeds`` is the vision graph in numpy (float32), with any linear plugged in
@@ -26,12 +26,12 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from edge.quant import ActQuant, LinearQuant, fake_quant_linear
+from edge.export.quant.reference import ActQuant, LinearQuant, fake_quant_linear
 from edge.vision import VISION_WEIGHTS, VisionConfig
 
-from .graph.decoder import LinearEmitter, float_linear
-from .graph.qlinear import int8_weight_linear
-from .graph.vision import V, full_tile_position_ids
+from edge.export.graph.decoder import LinearEmitter, float_linear
+from edge.export.quant.linears import int8_weight_linear
+from edge.export.graph.vision import V, full_tile_position_ids
 
 CONNECTOR_PROJ = "model.connector.modality_projection.proj"
 EMITTERS: dict[str, LinearEmitter] = {"fp32": float_linear, "int8": int8_weight_linear}
@@ -150,7 +150,7 @@ def reference_image_embeds(cfg: VisionConfig, weights: Mapping[str, np.ndarray],
 def calibrate_w8a8(cfg: VisionConfig, weights: Mapping[str, np.ndarray], tiles: np.ndarray,
                    percentile: float = 100.0) -> dict[str, LinearQuant]:
     """Static per-tensor int8 activation scales for every vision linear from float runs on ``tiles``
-    (clip = the given percentile of |x| at the linear's input); plans for qlinear.PlannedLinear."""
+    (clip = the given percentile of |x| at the linear's input); plans for linears.PlannedLinear."""
     seen: dict[str, list[np.ndarray]] = {}
 
     def record(x, name, w, b):

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.quant import LO_STEPS
+from edge.export.quant.reference import LO_STEPS
 
-from .calibrate import ChannelStats, bin_edges
+from edge.export.quant.calibrate import ChannelStats, bin_edges
 
 _EDGES = bin_edges()
 _MID = np.concatenate([[0.0], (_EDGES[1:-1] + _EDGES[2:]) / 2])  # bin 0 (|x| tiny) counts as 0
@@ -55,7 +55,7 @@ def weight_error(weights: list[np.ndarray], sumsq: np.ndarray) -> float:
 def search(stats: ChannelStats, col_norm2: np.ndarray, bits: int = 8, max_hot: int = 16,
            grid: int = 160) -> tuple[Choice, ...]:
     """For k = 0..max_hot hot channels: the clip minimizing the estimated activation error."""
-    qmax = 127 if bits == 8 else 127 * LO_STEPS  # 16 bits: two int8 passes (edge.quant.ActQuant)
+    qmax = 127 if bits == 8 else 127 * LO_STEPS  # 16 bits: two int8 passes (reference.ActQuant)
     n = stats.hist.astype(np.float64)  # [C, B]
     v, v2 = _MID[None, :], _MID[None, :] ** 2
     w = np.asarray(col_norm2, np.float64)
