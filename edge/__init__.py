@@ -35,7 +35,9 @@ class _CheckoutSubpackages:
 
 
 if not (Path(__file__).parent / "runtime").is_dir() and (_CHECKOUT / "pyproject.toml").is_file():
-    sys.meta_path.append(_CheckoutSubpackages)
+    # just before the path finder: after any finder a caller put first (tests block imports that
+    # way), before an editable install's finder, which would map to the installed checkout
+    sys.meta_path.insert(sys.meta_path.index(importlib.machinery.PathFinder), _CheckoutSubpackages)
 
 
 def __getattr__(name: str):
