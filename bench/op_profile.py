@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edge.runtime.model import Model, session_options
+from edge.runtime.model import Model
+from edge.runtime.sessions import session_options
 from edge.runtime.perplexity import default_text
 
 
@@ -47,7 +48,7 @@ def chunk_feeds(model: Model, past: int) -> dict[str, np.ndarray]:
     cache = model.new_cache()
     if past:
         model.prefill(model.embed(ids[:past]), cache)
-    return model.chunk_feeds(model.embed(ids[past:]), past, cache, [C - 1])
+    return model.chunks.feeds(model.embed(ids[past:]), past, cache, [C - 1])
 
 
 def profile_chunk(bundle: Path, past: int, repeat: int, threads: int) -> OpProfile:

@@ -53,7 +53,7 @@ def accel_chunk_runner(model: Model, threads: int) -> Callable[[], None]:
     import numpy as np
     import onnxruntime as ort
 
-    from edge.runtime.model import session_options
+    from edge.runtime.sessions import session_options
 
     m = model.bundle.manifest
     if m.plans is None or m.plans.split is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from edge.errors import BundleError
@@ -55,7 +55,6 @@ class ExportOptions:
 
     chunk_length: int = 128
     max_context: int = 2048
-    threads: int = 0  # 0 = onnxruntime's default
     plans: tuple[str, ...] = ("fused", "split")  # prefill plans to emit; fused is always the default
     vision_weights: str = "fp32"  # multimodal bundles: the vision graph's linears, fp32 or int8 (edge.vision)
 

@@ -278,13 +278,3 @@ def image_prompt_string(plan: TilePlan, cfg: VisionConfig) -> str:
         text += "\n"
     return text + f"\n{fake}{glob}{image}{fake}"
 
-
-def expand_image_tokens(text: str, plans: list[TilePlan], cfg: VisionConfig) -> str:
-    """Replace the k-th image token of ``text`` with image k's full token layout."""
-    parts = text.split(cfg.image_token)
-    if len(parts) - 1 != len(plans):
-        raise ImageError(f"{len(parts) - 1} image placeholders for {len(plans)} images")
-    out = parts[0]
-    for plan, rest in zip(plans, parts[1:]):
-        out += image_prompt_string(plan, cfg) + rest
-    return out

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Callable
 
 import onnxruntime as ort
 
-from edge.errors import BundleError, DeviceError
+from edge.errors import DeviceError
 
-from edge.runtime.model import session_options
+from edge.runtime.sessions import open_session, session_options
 
 if TYPE_CHECKING:
     from edge.runtime.shared_weights import SharedWeights
@@ -134,10 +134,9 @@ class Lane:
         return (self.device.provider, self.threads)
 
     def options(self) -> ort.SessionOptions:
-        so = session_options(self.threads)
         # No per-session arena: a split plan opens ~240 small sessions and each arena would keep its
-        # own peak. SmolLM2 W8A8, 1024-token prompt: peak RSS 2,358 -> 835 MiB, same speed.
-        so.enable_cpu_mem_arena = False
+        # own peak (docs/quantization.md: memory).
+        so = session_options(self.threads, arena=False)
         if self.device.name == "qnn":
             # everything or nothing: a graph the NPU cannot run fully is an error, not a silent CPU run
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
@@ -149,14 +148,10 @@ class Lane:
         if key not in self.pool:
             providers = None if self.device.name == "qnn" else list(dict.fromkeys([self.device.provider,
                                                                                   "CPUExecutionProvider"]))
-            try:
-                so = self.options()
-                if self.shared is not None and self.device.cpu_backed:
-                    so = self.shared.session_options(Path(path), so)
-                self.pool[key] = ort.InferenceSession(str(path), so, providers=providers)
-            except Exception as e:
-                raise BundleError(f"{path}: lane {self.name} ({self.device.provider}) cannot load this graph: "
-                                  f"{str(e)[:400]}") from None
+            so = self.options()
+            if self.shared is not None and self.device.cpu_backed:
+                so = self.shared.session_options(Path(path), so)
+            self.pool[key] = open_session(path, so, providers, who=f"lane {self.name} ({self.device.provider})")
         return self.pool[key]
 
     def submit(self, fn: Callable, *args) -> Future:

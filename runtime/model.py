@@ -11,20 +11,13 @@ import onnxruntime as ort
 
 from edge.errors import BundleError, PromptError
 
-from edge.runtime.bundle import Bundle, check_session_io, open_bundle
+from edge.runtime.bundle import Bundle, open_bundle
+from edge.runtime.chunks import ChunkRunner
 from edge.runtime.kv_cache import KVCache
 from edge.runtime.sampling import Sampler, SamplingParams
+from edge.runtime.sessions import open_session, session_options
 from edge.runtime.shared_weights import SharedWeights, trim_heap
 from edge.runtime.tokenizer import Tokenizer, check_text
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return so
 
 
 class Model:
@@ -51,16 +44,8 @@ class Model:
             spec = m.graphs[role]
             path = bundle.file(spec.file)
             role_so = self.shared_weights.session_options(path, so) if self.shared_weights else so
-            try:
-                sess = ort.InferenceSession(str(path), role_so, providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own types; name the file
-                raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from None
-            check_session_io(sess, spec, str(path))
-            self.sessions[role] = sess
-        # what the fused prefill graph takes (older bundles: the whole static cache, logits for every row)
-        prefill_in = {t.name: t.shape for t in m.graphs["prefill"].inputs}
-        self._prefill_prefix_rows = isinstance(prefill_in.get("past_key_0", (0,))[0], str)
-        self._prefill_logits_rows = "logits_rows" in prefill_in
+            self.sessions[role] = open_session(path, role_so, spec=spec)
+        self.chunks = ChunkRunner(self.sessions["prefill"], self.chunk_length) if self.plan == "fused" else None
         self.vision = None  # multimodal bundles: the vision encoder (runtime/vision.py)
         if m.vision is not None:
             from edge.runtime.vision import VisionEncoder
@@ -91,45 +76,16 @@ class Model:
         return self.sessions["embed"].run(None, {"input_ids": arr})[0]
 
     def prefill(self, embeds: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Run the prompt's embeddings [1, n, H] through fixed-size chunks from ``cache.length``.
-
-        The last chunk is zero-padded; padding sits after every real token, so the causal mask
-        already hides it from them, and only real rows are written to the cache.
-        Returns logits [n, V] (all_logits) or [V] for the last token.
-        """
+        """Run the prompt's embeddings [1, n, H] through fixed-size chunks from ``cache.length``
+        (runtime/chunks.py). Returns logits [n, V] (all_logits) or [V] for the last token."""
         n = embeds.shape[1]
-        start = cache.length
-        if start + n > self.max_context:
-            raise PromptError(f"{start + n} tokens do not fit in the context of {self.max_context}")
+        if cache.length + n > self.max_context:
+            raise PromptError(f"{cache.length + n} tokens do not fit in the context of {self.max_context}")
         if self.split is not None:
             return self.split.prefill(embeds, cache, all_logits)
-        C = self.chunk_length
-        sess = self.sessions["prefill"]
-        outs_all = []
-        names = [o.name for o in sess.get_outputs()]
-        for off in range(0, n, C):
-            count = min(C, n - off)
-            chunk = np.zeros((1, C, embeds.shape[2]), np.float32)
-            chunk[0, :count] = embeds[0, off:off + count]
-            pos = start + off
-            last = off + count == n
-            # only the logit rows someone reads: none before the last chunk
-            feeds = self.chunk_feeds(chunk, pos, cache, range(count) if all_logits else [count - 1] if last else [])
-            result = dict(zip(names, sess.run(names, feeds)))
-            cache.write(pos, count, result)
-            logits = result["logits"][0] if self._prefill_logits_rows else result["logits"][0, :count]
-            if all_logits or last:
-                outs_all.append(logits if all_logits else logits[-1:])
-        return np.concatenate(outs_all, 0) if all_logits else outs_all[-1][0]
-
-    def chunk_feeds(self, chunk: np.ndarray, pos: int, cache: KVCache, logit_rows: Sequence[int]) -> dict[str, np.ndarray]:
-        """The fused prefill graph's inputs for one chunk [1, C, H] at ``pos`` (``logit_rows``: the
-        rows whose logits are computed, where the graph takes them; older graphs compute all)."""
-        feeds = {"inputs_embeds": chunk, "start": np.array([pos], np.int64),
-                 **cache.feeds(pos if self._prefill_prefix_rows else None)}
-        if self._prefill_logits_rows:
-            feeds["logits_rows"] = np.array(logit_rows, np.int64)
-        return feeds
+        # only the logit rows someone reads: none before the last chunk
+        logits = [out["logits"] for _, out in self.chunks.run(embeds, cache, "all" if all_logits else "last")]
+        return np.concatenate(logits, 0) if all_logits else logits[-1][0]
 
     def decode_step(self, token: int, cache: KVCache) -> np.ndarray:
         pos = cache.length

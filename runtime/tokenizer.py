@@ -177,16 +177,8 @@ class Tokenizer:
         Ordinary messages get exactly the ids of encoding the rendered template (as transformers
         does); only content that would have produced a control token is encoded on its own."""
         messages = self._check_messages(messages)
-        held = [{**m, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(messages)]
-        skeleton = self.apply_chat_template(held, add_generation_prompt)
-        # [(text, is_user_content)] in order
-        pieces: list[tuple[str, bool]] = []
-        pos = 0
-        for m in _PLACEHOLDER_RE.finditer(skeleton):
-            if int(m.group(1)) < len(messages):
-                pieces += [(skeleton[pos:m.start()], False), (messages[int(m.group(1))]["content"], True)]
-                pos = m.end()
-        pieces.append((skeleton[pos:], False))
+        held = [{**m, "content": self.slot(i)} for i, m in enumerate(messages)]
+        pieces, _, _ = self.template_pieces(held, [m["content"] for m in messages], add_generation_prompt)
         full = self.apply_chat_template(messages, add_generation_prompt)
         if "".join(t for t, _ in pieces) != full and len(pieces) == 3:
             # the template changes the content (e.g. | trim): take it from the real rendering
@@ -194,6 +186,29 @@ class Tokenizer:
             if full.startswith(head) and full.endswith(tail) and len(full) >= len(head) + len(tail):
                 pieces[1] = (full[len(head):len(full) - len(tail)], True)
         return self.encode_pieces(pieces)
+
+    @staticmethod
+    def slot(i: int) -> str:
+        """A stand-in for user text number ``i`` in a message given to ``template_pieces``."""
+        return _PLACEHOLDER.format(i)
+
+    def template_pieces(self, messages: list[dict[str, Any]], texts: list[str], add_generation_prompt: bool = True
+                        ) -> tuple[list[tuple[str, bool]], list[int], str]:
+        """Render the chat template over ``messages`` whose user text sits in ``slot(i)`` stand-ins
+        (string content or list-content text parts) and split it into (text, is_user_text) pieces,
+        user text number i put back where its slot was rendered. Returns (pieces, the slot numbers
+        in rendered order, the rendered skeleton): the caller checks the template kept them all."""
+        skeleton = self.apply_chat_template(messages, add_generation_prompt)
+        pieces: list[tuple[str, bool]] = []
+        found, pos = [], 0
+        for m in _PLACEHOLDER_RE.finditer(skeleton):
+            i = int(m.group(1))
+            if i < len(texts):
+                pieces += [(skeleton[pos:m.start()], False), (texts[i], True)]
+                found.append(i)
+                pos = m.end()
+        pieces.append((skeleton[pos:], False))
+        return pieces, found, skeleton
 
     def encode_pieces(self, pieces: list[tuple[str, bool]]) -> list[int]:
         """Token ids of the concatenated ``(text, is_user_text)`` pieces: exactly the ids of encoding
@@ -230,9 +245,6 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
-
-    def token_text(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(token_id)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if self._template is None:

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
-from edge.errors import BundleError, ImageError, PromptError
+from edge.errors import ImageError, PromptError
 from edge.manifest import Manifest
 
-from edge.runtime.bundle import Bundle, check_session_io
-from edge.runtime.tokenizer import _PLACEHOLDER, _PLACEHOLDER_RE, check_text
+from edge.runtime.bundle import Bundle
+from edge.runtime.sessions import open_session
+from edge.runtime.tokenizer import check_text
 
 if TYPE_CHECKING:
     from edge.runtime.model import Model
@@ -36,11 +37,7 @@ class VisionEncoder:
         self.cfg = manifest.vision
         spec = manifest.graphs["vision"]
         path = bundle.file(spec.file)
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own types; name the file
-            raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from None
-        check_session_io(self.session, spec, str(path))
+        self.session = open_session(path, options, spec=spec)
 
     def encode(self, tiles: np.ndarray) -> np.ndarray:
         """tiles [T, 3, S, S] -> [T, tokens_per_tile, text_hidden]; the last batch is zero-padded."""
@@ -83,23 +80,17 @@ def _chat_pieces(model: "Model", prompt: str, n_images: int) -> list[tuple[str, 
         if k:
             content.append({"type": "image"})
         if seg:
-            content.append({"type": "text", "text": _PLACEHOLDER.format(len(user))})
+            content.append({"type": "text", "text": model.tokenizer.slot(len(user))})
             user.append(seg)
     attempts = [content, "".join(cfg.image_token if c["type"] == "image" else c["text"] for c in content)]
     for body in attempts:
-        skeleton = model.tokenizer.apply_chat_template([{"role": "user", "content": body}])
-        found = [int(m.group(1)) for m in _PLACEHOLDER_RE.finditer(skeleton)]
+        pieces, found, skeleton = model.tokenizer.template_pieces([{"role": "user", "content": body}], user)
         listed = "'type'" in skeleton or '"type"' in skeleton  # a string-only template printed the list
         if found == list(range(len(user))) and skeleton.count(cfg.image_token) == n_images and not listed:
             break
     else:
         raise PromptError("the bundle's chat template does not place the images (no image token in its output); "
                           "pass raw=True (edge-run --raw) with one image token per image in the prompt")
-    pieces, pos = [], 0
-    for m in _PLACEHOLDER_RE.finditer(skeleton):
-        pieces += [(skeleton[pos:m.start()], False), (user[int(m.group(1))], True)]
-        pos = m.end()
-    pieces.append((skeleton[pos:], False))
     return pieces
 
 

@@ -105,7 +105,7 @@ def test_attention_over_cache_prefixes(zoo, split_models):
     the chunk's start too (cheaper); its cost then grows with the chunk's position."""
     fused, _ = split_models["llama"]
     split = Model.load(zoo.bundle("llama", CHUNK), plan="split", accelerator="cpu", verify_hashes=False)
-    assert split.split.prefix_rows and fused._prefill_prefix_rows
+    assert split.split.prefix_rows and fused.chunks.prefix_rows
     assert set(split.split.costs.growth) <= {"attn"}  # (a tiny model may show no measurable growth)
     ids = ids_of(70)
     np.testing.assert_allclose(split.prefill(split.embed(ids), split.new_cache(), all_logits=True),

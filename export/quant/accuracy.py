@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from edge.config import DecoderConfig
 from edge.progress import Progress
@@ -27,8 +26,9 @@ def graph_perplexity(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], ids:
     """Perplexity of the prefill graph built from ``weights`` with ``linear`` (float by default).
     The graph's context is the window: positions past it are masked anyway, and fewer are faster.
     ``lookup``: the token table to embed with (default: the float one)."""
+    from edge.runtime.chunks import ChunkRunner
     from edge.runtime.kv_cache import KVCache
-    from edge.runtime.model import session_options
+    from edge.runtime.sessions import open_session, session_options
     from edge.runtime.perplexity import perplexity
 
     context = -(-window // chunk) * chunk
@@ -37,22 +37,11 @@ def graph_perplexity(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], ids:
         model = graph(cfg, weights, store, context, linear=linear, **graph_kw).build("prefill", chunk, context)
         store.write(Path(tmp))
         onnx.save_model(model, str(Path(tmp) / "prefill.onnx"))
-        sess = ort.InferenceSession(str(Path(tmp) / "prefill.onnx"), session_options(threads),
-                                    providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
+        runner = ChunkRunner(open_session(Path(tmp) / "prefill.onnx", session_options(threads)), chunk)
     emb = weights["model.embed_tokens.weight"] if lookup is None else lookup
 
     def logits_fn(w: list[int]) -> np.ndarray:
-        cache, out = KVCache(cfg, context), []
-        for off in range(0, len(w), chunk):
-            part = w[off:off + chunk]
-            x = np.zeros((1, chunk, cfg.hidden_size), np.float32)
-            x[0, :len(part)] = emb[part]
-            res = dict(zip(names, sess.run(names, {"inputs_embeds": x, "start": np.array([off], np.int64),
-                                                     **cache.feeds()})))
-            cache.write(off, len(part), res)
-            out.append(res["logits"][0, :len(part)])
-        return np.concatenate(out, 0)
+        return np.concatenate([out["logits"] for _, out in runner.run(emb[w][None], KVCache(cfg, context), "all")], 0)
 
     bar: Callable[[int, int], None] | None = (lambda d, t: progress.bar(d, t, label)) if progress else None
     return perplexity(logits_fn, ids, window, tokens, bar)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from edge.config import DecoderConfig
 from edge.progress import Progress
@@ -101,9 +100,6 @@ class Calibration:
     stats: dict[str, ChannelStats]  # input key -> statistics
     tokens: int
 
-    def group_of(self, linear: str) -> str:
-        return next(k for k, names in self.groups.items() if linear in names)
-
     @property
     def channels(self) -> int:
         """All linear input channels (one set per group input): what the hot budget is a fraction of."""
@@ -148,8 +144,9 @@ def calibrate(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], windows: Se
     """Statistics of every linear input over the token ``windows``, each run as a fresh context
     (each starts like a prompt does: its first tokens are where the largest activations appear,
     so a calibration without window starts would miss them)."""
+    from edge.runtime.chunks import ChunkRunner
     from edge.runtime.kv_cache import KVCache
-    from edge.runtime.model import session_options
+    from edge.runtime.sessions import open_session, session_options
 
     progress = progress or Progress(enabled=False)
     wins = [list(w) for w in windows if len(w)]
@@ -159,23 +156,14 @@ def calibrate(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], windows: Se
         model, groups = instrumented_prefill(cfg, weights, store, chunk, window)
         store.write(Path(tmp))
         onnx.save_model(model, str(Path(tmp) / "calib.onnx"))
-        sess = ort.InferenceSession(str(Path(tmp) / "calib.onnx"), session_options(threads),
-                                    providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
+        runner = ChunkRunner(open_session(Path(tmp) / "calib.onnx", session_options(threads)), chunk)
     emb = weights["model.embed_tokens.weight"]
     acc: dict[str, _Accumulator] = {}
     seen = 0
     for wi, w in enumerate(wins):
-        cache = KVCache(cfg, window)
-        for off in range(0, len(w), chunk):
-            part = w[off:off + chunk]
-            x = np.zeros((1, chunk, cfg.hidden_size), np.float32)
-            x[0, :len(part)] = emb[part]
-            feeds = {"inputs_embeds": x, "start": np.array([off], np.int64), **cache.feeds()}
-            out = dict(zip(names, sess.run(names, feeds)))
-            cache.write(off, len(part), out)
+        for c, out in runner.run(emb[w][None], KVCache(cfg, window), logits="none"):
             for key in groups:
-                a = out[f"calib:{key}"][:len(part)]
+                a = out[f"calib:{key}"][:c.count]
                 acc.setdefault(key, _Accumulator(a.shape[1])).update(a)
         seen += len(w)
         progress.bar(wi + 1, len(wins), f"calibration ({seen} tokens)")

@@ -153,7 +153,7 @@ def decode_graph(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store, m
     return QuantDecoderGraph(cfg, w, target, max_context, emit, LinearQuant("int8"))
 
 
-def manifest_record(quant: QuantOptions, plan: QuantPlan | None, calib: dict | None = None) -> dict[str, Any]:
+def manifest_record(quant: QuantOptions, plan: QuantPlan | None) -> dict[str, Any]:
     rec: dict[str, Any] = {"prefill": quant.prefill, "decode": quant.decode}
     if plan is not None:
         rec.update({
@@ -174,8 +174,6 @@ def manifest_record(quant: QuantOptions, plan: QuantPlan | None, calib: dict | N
                                   "plus per-block offset (w = scale * q + offset, GGUF Q4_1's form)",
                                   "accuracy_level": INT4_ACCURACY_LEVEL} if quant.decode == "int4" else
                                  {"scheme": "int8", "form": "DequantizeLinear -> MatMul on the prefill's int8 weights"})
-    if calib:
-        rec["calibration"] = calib
     return rec
 
 
