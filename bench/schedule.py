@@ -20,13 +20,11 @@ import numpy as np
 
 
 from edge.runtime import Model
+from edge.runtime.perplexity import default_text
 
 
 def prompt_ids(model: Model, n: int) -> list[int]:
-    from pydoc_data.topics import topics
-
-    text = "\n".join(topics[k] for k in sorted(topics))
-    ids = model.tokenizer.encode(text[: n * 8])
+    ids = model.tokenizer.encode(default_text()[: n * 8])
     if len(ids) < n:
         raise SystemExit(f"text gave only {len(ids)} tokens")
     return ids[:n]

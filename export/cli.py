@@ -46,7 +46,7 @@ def _multimodal(model: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from edge.export.pipeline import export_model
+    from edge.export.pipeline import export_model, measures, steps
 
     args.quant = quant_options.resolve_scheme(args.quant, _multimodal(args.model))
     try:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, EdgeError) as e:
         print(f"edge-export: error: {e}", file=sys.stderr)
         return 2
-    progress = Progress(total_steps=3 + 2 * quant.quantized, enabled=not args.quiet)
+    progress = Progress(total_steps=steps(quant.quantized, measured=measures(quant, accuracy)), enabled=not args.quiet)
     try:
         manifest = export_model(args.model, args.output, options, progress, quant=quant, calibration=calib,
                                 accuracy=accuracy)

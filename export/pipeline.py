@@ -1,33 +1,36 @@
-"""edge-export's pipeline: source -> family config -> graphs -> bundle (atomic)."""
+"""edge-export's pipeline as named steps: load -> quantize (calibrate + plan) -> build graphs ->
+write bundle -> verify (measure the bundle as written), the whole bundle written atomically."""
 
 from __future__ import annotations
 
 import dataclasses
 import platform
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
+import numpy as np
 import onnx
 
 import edge
-from edge.config import ExportOptions
-from edge.plans import Plans
+from edge.config import DecoderConfig, ExportOptions
 from edge.manifest import FORMAT_VERSION, MANIFEST_NAME, GraphSpec, Manifest, TensorSpec, file_record
-
+from edge.plans import Plans, SplitPlan
 from edge.progress import Progress
+from edge.vision import VisionConfig
 
 from edge.export.bundle_writer import write_atomically
-from edge.export.families import family_for
+from edge.export.families import Family, family_for
 from edge.export.graph.builder import WeightStore, io_specs
 from edge.export.graph.split import build_split
 from edge.export.graph.vision import build_vision_graph
 from edge.export.quant.recipe import FLOAT, AccuracySpec, CalibrationSpec, decoders, measure, plan_for_export
-from edge.export.sources import load_source
+from edge.export.quant.plan import QuantOptions, QuantPlan
 from edge.export.quant.vision import vision_linear
+from edge.export.sources import SourceModel, load_source
 
 if TYPE_CHECKING:
     from edge.export.quant.calibrate import Calibration
-    from edge.export.quant.plan import QuantOptions
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -47,14 +50,39 @@ def _graph_spec(model: onnx.ModelProto, file: str, role: str) -> GraphSpec:
                      external_data=_external_files(model))
 
 
-def export_model(model: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
-                 progress: Progress | None = None, quant: "QuantOptions | None" = None,
-                 calibration: CalibrationSpec = CalibrationSpec(), accuracy: AccuracySpec = AccuracySpec(),
-                 calibrated: "Calibration | None" = None) -> Manifest:
-    """``quant`` None = float bundle. A quantized export calibrates (unless ``calibrated`` is given),
-    plans, and (``accuracy.enabled``) records held-out perplexities in the manifest."""
-    quant = quant or FLOAT
-    progress = progress or Progress(total_steps=4 + 2 * quant.quantized)
+@dataclass(frozen=True)
+class Loaded:
+    """Step 1: the source as the family reads it."""
+    source: SourceModel
+    family: Family
+    cfg: DecoderConfig
+    weights: Mapping[str, np.ndarray]
+    vision: VisionConfig | None
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Steps 2-3: the quantization plan (None for a float bundle) and what calibration saw."""
+    plan: QuantPlan | None = None
+    calibration: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Built:
+    """Step 4: every graph (key -> proto, file, role), the weights they share, the manifest parts."""
+    store: WeightStore
+    graphs: dict[str, tuple[onnx.ModelProto, str, str]]
+    quant_record: dict[str, Any]
+    split: SplitPlan | None
+    vision: VisionConfig | None
+
+
+def steps(quantized: bool, calibrated: bool = False, measured: bool = False) -> int:
+    """How many progress stages an export shows: load, [calibrate, plan], build, write, [measure]."""
+    return 3 + (quantized and not calibrated) + quantized + measured
+
+
+def load(model: str | Path, options: ExportOptions, progress: Progress) -> Loaded:
     with progress.stage(f"loading {model}"):
         source = load_source(model)
         family = family_for(source.architecture)
@@ -66,65 +94,105 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
     if options.max_context > source.hf_config.get("max_position_embeddings", options.max_context):
         progress.note(f"warning: context {options.max_context} exceeds the model's trained "
                       f"{source.hf_config['max_position_embeddings']} positions")
+    return Loaded(source, family, cfg, weights, vision)
 
-    plan, calib_record = None, None
-    if quant.quantized:
-        plan, cal = plan_for_export(cfg, weights, source.tokenizer_json, source.chat_template, options, quant,
-                                    calibration, progress, calibrated)
-        calib_record = {"text": calibration.label, "tokens": cal.tokens, "window": calibration.window}
 
+def quantize(m: Loaded, options: ExportOptions, quant: QuantOptions, calibration: CalibrationSpec,
+             progress: Progress, calibrated: "Calibration | None" = None) -> Quantized:
+    """Calibrate (unless ``calibrated`` is given) and plan every linear's quantization."""
+    if not quant.quantized:
+        return Quantized()
+    plan, cal = plan_for_export(m.cfg, m.weights, m.source.tokenizer_json, m.source.chat_template, options, quant,
+                                calibration, progress, calibrated)
+    return Quantized(plan, {"text": calibration.label, "tokens": cal.tokens, "window": calibration.window})
+
+
+def build_graphs(m: Loaded, options: ExportOptions, quant: QuantOptions, q: Quantized, progress: Progress) -> Built:
     with progress.stage(f"building graphs (chunk {options.chunk_length}, context {options.max_context})"):
         store = WeightStore()
-        parts = decoders(cfg, weights, store, options.max_context, quant, plan)
-        dec = parts.prefill
+        parts = decoders(m.cfg, m.weights, store, options.max_context, quant, q.plan)
         graphs = {
             "embed": (parts.embed(), "embed.onnx", "embed"),
-            "prefill": (dec.build("prefill", options.chunk_length, "past_len", logits_rows=True), "prefill.onnx",
-                        "prefill"),
+            "prefill": (parts.prefill.build("prefill", options.chunk_length, "past_len", logits_rows=True),
+                        "prefill.onnx", "prefill"),
             "decode": (parts.decode.build("decode", 1, "past_len"), "decode.onnx", "decode"),
         }
         split_plan = None
         if "split" in options.plans:  # per-layer subgraphs for a CPU + accelerator prefill (same weights)
-            split_graphs, split_plan = build_split(dec, options.chunk_length)
+            split_graphs, split_plan = build_split(parts.prefill, options.chunk_length)
             graphs.update({k: (proto, f"{k}.onnx", "split") for k, proto in split_graphs.items()})
+        vision = m.vision
         if vision is not None:  # image tiles -> image-token embeddings, merged into the prompt by the runtime
             vision = dataclasses.replace(vision, linear_weights=options.vision_weights)
-            graphs["vision"] = (build_vision_graph(vision, weights, store, vision_linear(options.vision_weights)),
+            graphs["vision"] = (build_vision_graph(vision, m.weights, store, vision_linear(options.vision_weights)),
                                 "vision.onnx", "vision")
+    record = {**parts.record, **({"calibration": q.calibration} if q.calibration else {})}
+    return Built(store, graphs, record, split_plan, vision)
 
-    def fill(tmp: Path) -> None:
-        store.write(tmp)
-        for proto, file, _ in graphs.values():
-            onnx.save_model(proto, str(tmp / file))
-        (tmp / TOKENIZER_FILE).write_text(source.tokenizer_json, encoding="utf-8")
-        files = {p.name: file_record(p) for p in sorted(tmp.iterdir())}
-        manifest = Manifest(
-            model=cfg,
-            chunk_length=options.chunk_length,
-            max_context=options.max_context,
-            graphs={k: _graph_spec(proto, file, role) for k, (proto, file, role) in graphs.items()},
-            tokenizer={"file": TOKENIZER_FILE, "chat_template": source.chat_template},
-            files=files,
-            exporter={"name": "edge", "version": edge.__version__, "onnx": onnx.__version__,
-                      "python": platform.python_version()},
-            source=source.identity,
-            quantization={**parts.record, **({"calibration": calib_record} if calib_record else {})},
-            format_version=FORMAT_VERSION,
-            plans=Plans(default="fused", split=split_plan),
-            vision=vision,
-        )
-        (tmp / MANIFEST_NAME).write_text(manifest.dumps(), encoding="utf-8")
-        if accuracy.enabled and (quant.quantized or quant.decode != "fp32"):
-            # measured on the bundle as written, before it replaces the target
-            from edge.runtime.model import Model
 
-            progress.note("measuring held-out perplexity (quantized bundle vs float)")
-            rec = measure(cfg, weights, Model.load(tmp, verify_hashes=False), quant, plan, options.chunk_length,
-                          accuracy, progress)
-            manifest = dataclasses.replace(manifest, quantization={**manifest.quantization, "accuracy": rec})
-            (tmp / MANIFEST_NAME).write_text(manifest.dumps(), encoding="utf-8")
-        fill.manifest = manifest  # type: ignore[attr-defined]
+def write_bundle(folder: Path, m: Loaded, options: ExportOptions, b: Built) -> Manifest:
+    """Every file into ``folder`` (the writer's private folder), the manifest last."""
+    b.store.write(folder)
+    for proto, file, _ in b.graphs.values():
+        onnx.save_model(proto, str(folder / file))
+    (folder / TOKENIZER_FILE).write_text(m.source.tokenizer_json, encoding="utf-8")
+    manifest = Manifest(
+        model=m.cfg,
+        chunk_length=options.chunk_length,
+        max_context=options.max_context,
+        graphs={k: _graph_spec(proto, file, role) for k, (proto, file, role) in b.graphs.items()},
+        tokenizer={"file": TOKENIZER_FILE, "chat_template": m.source.chat_template},
+        files={p.name: file_record(p) for p in sorted(folder.iterdir())},
+        exporter={"name": "edge", "version": edge.__version__, "onnx": onnx.__version__,
+                  "python": platform.python_version()},
+        source=m.source.identity,
+        quantization=b.quant_record,
+        format_version=FORMAT_VERSION,
+        plans=Plans(default="fused", split=b.split),
+        vision=b.vision,
+    )
+    (folder / MANIFEST_NAME).write_text(manifest.dumps(), encoding="utf-8")
+    return manifest
 
-    with progress.stage(f"writing bundle {out} ({store.nbytes / 1e6:.0f} MB of weights)"):
-        write_atomically(Path(out), fill)
-    return fill.manifest  # type: ignore[attr-defined]
+
+def verify(folder: Path, manifest: Manifest, m: Loaded, options: ExportOptions, quant: QuantOptions,
+           q: Quantized, accuracy: AccuracySpec, progress: Progress) -> Manifest:
+    """The bundle as written, loaded by the runtime and measured against float (held-out
+    perplexity, stored in the manifest), before it replaces the target."""
+    from edge.runtime.model import Model
+
+    with progress.stage("measuring held-out perplexity (quantized bundle vs float)"):
+        rec = measure(m.cfg, m.weights, Model.load(folder, verify_hashes=False), quant, q.plan, options.chunk_length,
+                      accuracy, progress)
+    manifest = dataclasses.replace(manifest, quantization={**manifest.quantization, "accuracy": rec})
+    (folder / MANIFEST_NAME).write_text(manifest.dumps(), encoding="utf-8")
+    return manifest
+
+
+def measures(quant: QuantOptions, accuracy: AccuracySpec) -> bool:
+    return accuracy.enabled and (quant.quantized or quant.decode != "fp32")
+
+
+def export_model(model: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
+                 progress: Progress | None = None, quant: "QuantOptions | None" = None,
+                 calibration: CalibrationSpec = CalibrationSpec(), accuracy: AccuracySpec = AccuracySpec(),
+                 calibrated: "Calibration | None" = None) -> Manifest:
+    """load -> quantize (calibrate + plan) -> build graphs -> write bundle -> verify, the bundle
+    written atomically. ``quant`` None = float bundle; ``calibrated``: reuse a calibration."""
+    quant = quant or FLOAT
+    progress = progress or Progress(total_steps=steps(quant.quantized, calibrated is not None,
+                                                      measures(quant, accuracy)))
+    loaded = load(model, options, progress)
+    quantized = quantize(loaded, options, quant, calibration, progress, calibrated)
+    built = build_graphs(loaded, options, quant, quantized, progress)
+    written: list[Manifest] = []
+
+    def fill(folder: Path) -> None:
+        with progress.stage(f"writing bundle {out} ({built.store.nbytes / 1e6:.0f} MB of weights)"):
+            manifest = write_bundle(folder, loaded, options, built)
+        if measures(quant, accuracy):
+            manifest = verify(folder, manifest, loaded, options, quant, quantized, accuracy, progress)
+        written.append(manifest)
+
+    write_atomically(Path(out), fill)
+    return written[0]

@@ -25,6 +25,7 @@ from edge.manifest import Manifest
 from edge.plans import SplitPlan, Stage
 
 from edge.runtime.bundle import Bundle, check_session_io
+from edge.runtime.chunks import cut
 from edge.runtime.kv_cache import KVCache
 from edge.runtime.lanes import Lane
 from edge.runtime.scheduler import CostTable, Plan, StageInfo, Task, plan
@@ -170,12 +171,7 @@ class _Run:
     def __init__(self, owner: SplitPrefill, embeds: np.ndarray, cache: KVCache, start: int, all_logits: bool):
         self.o, self.cache, self.start, self.all_logits = owner, cache, start, all_logits
         self.n, C = embeds.shape[1], owner.C
-        self.chunks = []
-        for off in range(0, self.n, C):
-            chunk = np.zeros((1, C, embeds.shape[2]), np.float32)
-            count = min(C, self.n - off)
-            chunk[0, :count] = embeds[0, off:off + count]
-            self.chunks.append((chunk, start + off, count))
+        self.chunks = [(c.embeds, c.pos, c.count) for c in cut(embeds, C, start)]
         self.regs: list[dict[str, np.ndarray]] = [{} for _ in self.chunks]
         self.logits: dict[int, np.ndarray] = {}
         self.events: list[Event] = []
