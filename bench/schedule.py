@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     split = Model.load(args.bundle, plan="split", accelerator=args.accelerator, lane_threads=1, verify_hashes=False)
     load_s = time.perf_counter() - t
-    sp = split.split
+    sp = split.split_prefill
     ids = prompt_ids(fused, args.tokens)
     embeds = fused.embed(ids)
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     best = {k: min(v) for k, v in rounds.items()}  # least disturbed by other processes
     trace = sorted(traces, key=lambda x: x[0])[len(traces) // 2][1]  # the median run's trace
     stats = trace.stats()
-    plan = sp.plan_for(-(-len(ids) // sp.C))
+    plan = sp.schedule_for(-(-len(ids) // sp.C))
     same = {k: int(np.argmax(outs[k])) == int(np.argmax(outs["fused"])) for k in ("ooo", "seq")}
     maxdiff = float(np.abs(outs["ooo"] - outs["fused"]).max())
     result = {

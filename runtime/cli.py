@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         decode_tps = (n - 1) / (t2 - first) if first and n > 1 else 0.0
         print(f"load {t_load:.2f}s | prompt {len(ids)} tokens, first token after {ttft * 1e3:.0f} ms "
               f"({len(ids) / ttft:.0f} tok/s) | {n} new tokens, decode {decode_tps:.1f} tok/s", file=sys.stderr)
-    trace = model.split.last_trace if model.split is not None else None
+    trace = model.split_prefill.last_trace if model.split_prefill is not None else None
     if trace is not None:
         if args.stats:
             print(f"split plan: {trace.summary()}", file=sys.stderr)

@@ -51,12 +51,12 @@ class Model:
             from edge.runtime.vision import VisionEncoder
 
             self.vision = VisionEncoder(bundle, m, so)
-        self.split = None
+        self.split_prefill = None
         if self.plan == "split":
             from edge.runtime.lanes import make_lanes
             from edge.runtime.split_prefill import SplitPrefill
 
-            self.split = SplitPrefill(bundle, make_lanes(accelerator, lane_threads, lane_threads, self.shared_weights))
+            self.split_prefill = SplitPrefill(bundle, make_lanes(accelerator, lane_threads, lane_threads, self.shared_weights))
         trim_heap()  # what building the sessions freed
 
     @classmethod
@@ -81,8 +81,8 @@ class Model:
         n = embeds.shape[1]
         if cache.length + n > self.max_context:
             raise PromptError(f"{cache.length + n} tokens do not fit in the context of {self.max_context}")
-        if self.split is not None:
-            return self.split.prefill(embeds, cache, all_logits)
+        if self.split_prefill is not None:
+            return self.split_prefill.prefill(embeds, cache, all_logits)
         # only the logit rows someone reads: none before the last chunk
         logits = [out["logits"] for _, out in self.chunks.run(embeds, cache, "all" if all_logits else "last")]
         return np.concatenate(logits, 0) if all_logits else logits[-1][0]

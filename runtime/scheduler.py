@@ -1,10 +1,10 @@
-"""Out-of-order scheduling of a split prefill over lanes: a pure ``plan()`` and its task graph.
+"""Out-of-order scheduling of a split prefill over lanes: a pure ``schedule()`` and its task graph.
 
 Tasks are (chunk, layer, stage). Dependencies: a chunk's tasks run in chain order (its stages in
 plan order, the per-layer stages once per layer); a ``cross_chunk`` stage (attention) also waits for
 the previous chunk's task of the same stage and layer, whose K/V cache rows it reads.
 
-``plan()`` simulates list scheduling with per-stage costs (measured at load time) and returns each
+``schedule()`` simulates list scheduling with per-stage costs (measured at load time) and returns each
 lane's task order. The rule is llm.npu's greedy one: when a lane frees up it takes, among the ready
 tasks it can run, the one that unblocks the most work for the *other* lanes, then the one with the
 longest path to the end (critical path), then the earliest chunk. A task that another lane would
@@ -95,7 +95,7 @@ def build_tasks(stages: Sequence[StageInfo], num_layers: int, n_chunks: int,
 
 
 @dataclass
-class Plan:
+class Schedule:
     order: dict[str, list[Task]]            # lane -> its tasks, in the order it runs them
     lane_of: dict[Task, str]
     start: dict[Task, float]                # simulated (seconds)
@@ -115,9 +115,9 @@ class Plan:
         return sorted(self.lane_of, key=lambda t: (self.start[t], t))
 
 
-def plan(costs: CostTable, n_chunks: int, stages: Sequence[StageInfo], num_layers: int,
+def schedule(costs: CostTable, n_chunks: int, stages: Sequence[StageInfo], num_layers: int,
          lanes: Sequence[str] = ("cpu", "accel"), optional_chunks: Iterable[int] | None = None,
-         chunk_offset: int = 0) -> Plan:
+         chunk_offset: int = 0) -> Schedule:
     """Assign every task to a lane and order each lane's tasks (see the module docstring)."""
     tasks, deps = build_tasks(stages, num_layers, n_chunks, optional_chunks)
     runnable = {s.name: [ln for ln in lanes if ln in costs.costs.get(s.name, {})] for s in stages}
@@ -184,12 +184,12 @@ def plan(costs: CostTable, n_chunks: int, stages: Sequence[StageInfo], num_layer
             if waiting[j] == 0:
                 frontier.append(j)
                 ready[j] = max(end[d] for d in dep[j])
-    return Plan({ln: [tasks[i] for i in ids] for ln, ids in order.items()},
+    return Schedule({ln: [tasks[i] for i in ids] for ln, ids in order.items()},
                 {tasks[i]: lane_of[i] for i in range(n)}, {tasks[i]: start[i] for i in range(n)},
                 {tasks[i]: end[i] for i in range(n)}, deps)
 
 
-def check_plan(p: Plan) -> None:
+def check_schedule(p: Schedule) -> None:
     """Raise AssertionError if a task starts before a dependency ends or two tasks of a lane overlap."""
     for t, ds in p.deps.items():
         assert t in p.lane_of, f"{t} was not scheduled"

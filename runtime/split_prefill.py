@@ -2,7 +2,7 @@
 
 At load: one session per subgraph and lane that may run it (affinity; every lane when all lanes
 are CPU-backed); each stage is timed on each lane, then the costs are refined by one chunk run
-through every layer (the cost table ``plan()`` needs). A prefill builds (and caches) the plan for
+through every layer (the cost table ``schedule()`` needs). A prefill builds (and caches) the plan for
 its chunk count; the lanes' worker threads then take tasks from one queue in planned start order:
 each takes the first task it may run (affinity, or any task where all lanes are CPU-backed) whose
 dependencies have ended, among the next ``lookahead`` of its tasks, so a lane does not idle behind a
@@ -28,7 +28,7 @@ from edge.runtime.bundle import Bundle, check_session_io
 from edge.runtime.chunks import cut
 from edge.runtime.kv_cache import KVCache
 from edge.runtime.lanes import Lane
-from edge.runtime.scheduler import CostTable, Plan, StageInfo, Task, plan
+from edge.runtime.scheduler import CostTable, Schedule, StageInfo, Task, schedule
 from edge.runtime.trace import Event, Trace
 
 _NP = {"float32": np.float32, "int64": np.int64}
@@ -41,19 +41,19 @@ class SplitPrefill:
         if m.plans.split is None:
             raise BundleError(f"{bundle.path}: the bundle has no split plan (re-export with --plans fused,split)")
         self.bundle, self.manifest, self.lanes, self.lookahead = bundle, m, lanes, max(1, lookahead)
-        self.split: SplitPlan = m.plans.split
+        self.spec: SplitPlan = m.plans.split
         self.cfg: DecoderConfig = m.model
-        self.C = self.split.chunk_length
-        self.stages = {s.name: s for s in self.split.stages}
+        self.C = self.spec.chunk_length
+        self.stages = {s.name: s for s in self.spec.stages}
         self.flexible = all(lane.device.cpu_backed for lane in lanes.values())
         # attention reads as many cache rows as the fused graph does (bit-identical results): the
         # whole static cache, or, where the fused prefill takes a dynamic cache, the rows below start
         fused_past = next((t.shape[0] for t in m.graphs["prefill"].inputs if t.name == "past_key_0"), None)
         self.prefix_rows = isinstance(fused_past, str)
         # a CPU-backed lane can run any stage; otherwise affinity decides (a lone CPU lane is CPU-backed)
-        self.can_run = {s.name: [ln for ln in lanes if self.flexible or ln == s.lane] for s in self.split.stages}
+        self.can_run = {s.name: [ln for ln in lanes if self.flexible or ln == s.lane] for s in self.spec.stages}
         self.sessions: dict[tuple[str, str], object] = {}
-        for s in self.split.stages:
+        for s in self.spec.stages:
             for key in dict.fromkeys(s.graphs):
                 spec = m.graphs[key]
                 for ln in self.can_run[s.name]:
@@ -63,8 +63,8 @@ class SplitPrefill:
         self.io = {key: ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
                    for (key, _), sess in self.sessions.items()}
         self.infos = [StageInfo(s.name, s.lane if s.lane in lanes else "cpu", s.scope == "layer", s.cross_chunk,
-                                optional="@logits" in s.outputs.values()) for s in self.split.stages]
-        self._plans: dict[tuple, Plan] = {}
+                                optional="@logits" in s.outputs.values()) for s in self.spec.stages]
+        self._schedules: dict[tuple, Schedule] = {}
         self.last_trace: Trace | None = None
         self.costs = self.measure(measure_runs)
         for lane in lanes.values():  # start the worker threads now, not inside the first prefill
@@ -98,7 +98,7 @@ class SplitPrefill:
         costs: dict[str, dict[str, float]] = {}
         growth: dict[str, dict[str, float]] = {}
         L, far = self.manifest.max_context, (self.manifest.max_context - self.C) // self.C
-        for s in self.split.stages:
+        for s in self.spec.stages:
             costs[s.name], timed = {}, {}
             for ln in self.can_run[s.name]:
                 key = self.lanes[ln].key
@@ -121,20 +121,20 @@ class SplitPrefill:
         seen: dict[tuple[str, tuple], list[float]] = {}
         for e in self.last_trace.events:  # type: ignore[union-attr]
             seen.setdefault((e.stage, self.lanes[e.lane].key), []).append(e.end - e.start)
-        self._plans.clear()
+        self._schedules.clear()
         self.last_trace = None
         refined = {stage: {ln: float(np.median(seen.get((stage, self.lanes[ln].key), [c]))) for ln, c in by_lane.items()}
                    for stage, by_lane in costs.costs.items()}
         return CostTable(refined, costs.growth)
 
     # ---------------------------------------------------------------- plan
-    def plan_for(self, n_chunks: int, chunk_offset: int = 0, all_logits: bool = False) -> Plan:
+    def schedule_for(self, n_chunks: int, chunk_offset: int = 0, all_logits: bool = False) -> Schedule:
         opt = tuple(range(n_chunks)) if all_logits else (n_chunks - 1,)
         key = (n_chunks, chunk_offset, opt)
-        if key not in self._plans:
-            self._plans[key] = plan(self.costs, n_chunks, self.infos, self.cfg.num_layers, tuple(self.lanes),
+        if key not in self._schedules:
+            self._schedules[key] = schedule(self.costs, n_chunks, self.infos, self.cfg.num_layers, tuple(self.lanes),
                                     optional_chunks=opt, chunk_offset=chunk_offset)
-        return self._plans[key]
+        return self._schedules[key]
 
     # ---------------------------------------------------------------- run
     def prefill(self, embeds: np.ndarray, cache: KVCache, all_logits: bool = False,
@@ -144,7 +144,7 @@ class SplitPrefill:
         n, C = embeds.shape[1], self.C
         start = cache.length
         n_chunks = -(-n // C)
-        p = self.plan_for(n_chunks, start // C, all_logits)
+        p = self.schedule_for(n_chunks, start // C, all_logits)
         run = _Run(self, embeds, cache, start, all_logits)
         t0 = time.perf_counter()
         if sequential:

@@ -53,7 +53,10 @@ def test_cpu_lanes_share_sessions(zoo):
     lanes = make_lanes("cpu", 1, 1)
     path = zoo.bundle("llama", CHUNK) / "split.act.onnx"
     assert lanes["cpu"].session(path) is lanes["accel"].session(path)
-    assert lanes["accel"].submit(lambda: 41 + 1).result() == 42  # the lane's own worker thread
+    import threading
+
+    worker = lanes["accel"].submit(lambda: threading.current_thread().name).result()
+    assert worker.startswith("edge-lane-accel") and worker != threading.current_thread().name  # its own thread
     # many small sessions: none keeps an arena of its own (peak memory, see Lane.options)
     assert lanes["cpu"].session(path).get_session_options().enable_cpu_mem_arena is False
     for lane in lanes.values():
@@ -93,10 +96,10 @@ def test_sequential_and_single_lane_give_the_same_logits(zoo, split_models):
     fused, split = split_models["llama"]
     ids = ids_of(45)
     ref = split.prefill(split.embed(ids), split.new_cache(), all_logits=True)
-    seq = split.split.prefill(split.embed(ids), split.new_cache(), all_logits=True, sequential=True)
+    seq = split.split_prefill.prefill(split.embed(ids), split.new_cache(), all_logits=True, sequential=True)
     np.testing.assert_array_equal(seq, ref)
     alone = Model.load(zoo.bundle("llama", CHUNK), plan="split", accelerator="none", verify_hashes=False)
-    assert list(alone.split.lanes) == ["cpu"]
+    assert list(alone.split_prefill.lanes) == ["cpu"]
     np.testing.assert_array_equal(alone.prefill(alone.embed(ids), alone.new_cache(), all_logits=True), ref)
 
 
@@ -105,9 +108,15 @@ def test_attention_over_cache_prefixes(zoo, split_models):
     the chunk's start too (cheaper); its cost then grows with the chunk's position."""
     fused, _ = split_models["llama"]
     split = Model.load(zoo.bundle("llama", CHUNK), plan="split", accelerator="cpu", verify_hashes=False)
-    assert split.split.prefix_rows and fused.chunks.prefix_rows
-    assert set(split.split.costs.growth) <= {"attn"}  # (a tiny model may show no measurable growth)
+    assert split.split_prefill.prefix_rows and fused.chunks.prefix_rows
     ids = ids_of(70)
+    from edge.runtime.split_prefill import _Run
+
+    run = _Run(split.split_prefill, split.embed(ids), split.new_cache(), 0, False)
+    # attention of chunk c reads exactly the c * CHUNK rows before it, in every layer
+    assert [run._value("@past_key", c, layer).shape[0] for c in range(len(run.chunks)) for layer in (0, 1)] == \
+        [c * CHUNK for c in range(len(run.chunks)) for _ in (0, 1)]
+    assert set(split.split_prefill.costs.growth) <= {"attn"}  # only cache readers may grow with position
     np.testing.assert_allclose(split.prefill(split.embed(ids), split.new_cache(), all_logits=True),
                                fused.prefill(fused.embed(ids), fused.new_cache(), all_logits=True), atol=1e-4, rtol=0)
 
@@ -116,7 +125,7 @@ def test_trace_records_every_task(split_models, tmp_path):
     _, split = split_models["llama"]
     ids = ids_of(3 * CHUNK)
     split.prefill(split.embed(ids), split.new_cache())
-    trace = split.split.last_trace
+    trace = split.split_prefill.last_trace
     layers = split.config.num_layers
     assert len(trace.events) == 3 * (1 + 8 * layers) + 1  # the head runs on the last chunk only
     assert {e.lane for e in trace.events} <= {"cpu", "accel"}

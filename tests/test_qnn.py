@@ -142,6 +142,6 @@ def test_split_prefill_with_qnn_lane_matches_cpu_lanes(qdq_bundle, zoo):
     ref = fp32.prefill(fp32.embed(ids), fp32.new_cache(), all_logits=True)
     assert np.abs(a - b).mean() < np.abs(b - ref).mean() / 3
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
-    lanes_of = {e.stage: e.lane for e in on_qnn.split.last_trace.events}
+    lanes_of = {e.stage: e.lane for e in on_qnn.split_prefill.last_trace.events}
     assert all(lanes_of[s] == "accel" for s in ACCEL_STAGES)
     assert all(lane == "cpu" for s, lane in lanes_of.items() if s not in ACCEL_STAGES)

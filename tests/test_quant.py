@@ -278,7 +278,12 @@ def test_tiny_w8a8_export_runs_close_to_float(w8a8_bundle, zoo):
     # here; SmolLM2's own figures are in the real test below and the manifest's accuracy report
     assert np.linalg.norm(lq - lf) / np.linalg.norm(lf) < 0.1
     assert np.mean(lq.argmax(-1) == lf.argmax(-1)) > 0.85
-    assert q.generate("hello", max_new_tokens=5, raw=True) is not None  # int4 decode graph runs
+    # the quantized decode graph continues the prompt as the quantized prefill scores it
+    prompt = q.tokenizer.encode("hello")
+    tokens = list(q.generate_ids(prompt, max_new_tokens=5))
+    assert len(tokens) == 5
+    assert tokens[0] == int(q.prefill(q.embed(prompt), q.new_cache()).argmax())
+    assert tokens[1] == int(q.prefill(q.embed(prompt + tokens[:1]), q.new_cache()).argmax())
 
 
 def test_tiny_w8a8_manifest_records_the_plan(w8a8_bundle):

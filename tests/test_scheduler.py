@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.runtime.scheduler import CostTable, StageInfo, Task, build_tasks, check_plan, plan
+from edge.runtime.scheduler import CostTable, StageInfo, Task, build_tasks, check_schedule, schedule
 
 # the split plan's stage sequence (export/graph/split.py)
 STAGES = (
@@ -52,8 +52,8 @@ def test_task_graph_chain_and_cross_chunk_dependencies():
 @pytest.mark.parametrize("flexible", [False, True])
 @pytest.mark.parametrize("n_chunks", [1, 2, 4, 5])
 def test_plan_respects_dependencies_and_affinity(flexible, n_chunks):
-    p = plan(costs(flexible), n_chunks, STAGES, num_layers=4)
-    check_plan(p)
+    p = schedule(costs(flexible), n_chunks, STAGES, num_layers=4)
+    check_schedule(p)
     tasks, _ = build_tasks(STAGES, 4, n_chunks)
     assert set(p.lane_of) == set(tasks)
     if not flexible:
@@ -64,14 +64,14 @@ def test_plan_respects_dependencies_and_affinity(flexible, n_chunks):
 
 
 def test_plan_is_deterministic():
-    a = plan(costs(True), 4, STAGES, num_layers=6)
-    b = plan(costs(True), 4, STAGES, num_layers=6)
+    a = schedule(costs(True), 4, STAGES, num_layers=6)
+    b = schedule(costs(True), 4, STAGES, num_layers=6)
     assert a.order == b.order and a.start == b.start
 
 
 def test_one_chunk_prompt_is_a_single_chain():
-    p = plan(costs(True), 1, STAGES, num_layers=3)
-    check_plan(p)
+    p = schedule(costs(True), 1, STAGES, num_layers=3)
+    check_schedule(p)
     total = sum(p.end[t] - p.start[t] for t in p.lane_of)
     assert p.makespan == pytest.approx(total)  # nothing can overlap in one chain
     assert len(p.lane_of) == 1 + 8 * 3 + 1
@@ -79,14 +79,14 @@ def test_one_chunk_prompt_is_a_single_chain():
 
 def test_partial_last_chunk_and_all_logits_heads():
     # a partial last chunk is just a chunk to the planner; perplexity asks for every chunk's head
-    p = plan(costs(False), 3, STAGES, num_layers=2, optional_chunks=[0, 1, 2])
-    check_plan(p)
+    p = schedule(costs(False), 3, STAGES, num_layers=2, optional_chunks=[0, 1, 2])
+    check_schedule(p)
     assert sorted(t.chunk for t in p.lane_of if t.stage == "head") == [0, 1, 2]
 
 
 def test_balancing_two_cpu_lanes_leaves_few_bubbles():
     """Where both lanes can run everything (a CPU-backed accelerator lane), four chunks fill both."""
-    p = plan(costs(True), 4, STAGES, num_layers=30)
+    p = schedule(costs(True), 4, STAGES, num_layers=30)
     busy = p.busy()
     assert min(busy.values()) > 0
     assert p.makespan <= 1.10 * max(busy.values())          # bubbles under 10%
@@ -95,7 +95,7 @@ def test_balancing_two_cpu_lanes_leaves_few_bubbles():
 
 def test_fixed_affinity_keeps_the_busier_lane_fed():
     """A real NPU: affinity decides; the schedule is as long as the busier lane, plus little."""
-    p = plan(costs(False), 4, STAGES, num_layers=30)
+    p = schedule(costs(False), 4, STAGES, num_layers=30)
     busy = p.busy()
     assert p.makespan <= 1.10 * max(busy.values())
 
@@ -103,8 +103,8 @@ def test_fixed_affinity_keeps_the_busier_lane_fed():
 def test_earliest_finish_moves_work_to_a_faster_lane():
     # the accel lane runs gate_up 4x faster than the CPU lane: it should take nearly all of them
     table = costs(True, scale={"gate_up": 0.25}).costs
-    p = plan(CostTable({k: dict(v) for k, v in table.items()}), 4, STAGES, num_layers=8)
-    check_plan(p)
+    p = schedule(CostTable({k: dict(v) for k, v in table.items()}), 4, STAGES, num_layers=8)
+    check_schedule(p)
     gate = [t for t in p.lane_of if t.stage == "gate_up"]
     assert sum(p.lane_of[t] == "accel" for t in gate) >= 0.8 * len(gate)
 
@@ -113,7 +113,7 @@ def test_a_stage_no_lane_can_run_is_an_error():
     table = {s.name: {"cpu": 1.0} for s in STAGES}
     del table["qkv"]["cpu"]
     with pytest.raises(ValueError, match="qkv"):
-        plan(CostTable(table), 2, STAGES, num_layers=2)
+        schedule(CostTable(table), 2, STAGES, num_layers=2)
 
 
 @settings(max_examples=40, deadline=None)
@@ -121,7 +121,8 @@ def test_a_stage_no_lane_can_run_is_an_error():
        noise=st.lists(st.floats(0.05, 20.0), min_size=len(STAGES), max_size=len(STAGES)))
 def test_plan_never_violates_dependencies(n_chunks, layers, flexible, noise):
     table = {s.name: ({"cpu": w, "accel": w * 1.3} if flexible else {s.lane: w}) for s, w in zip(STAGES, noise)}
-    p = plan(CostTable(table, {"attn": {ln: 0.1 for ln in table["attn"]}}), n_chunks, STAGES, layers)
-    check_plan(p)
+    p = schedule(CostTable(table, {"attn": {ln: 0.1 for ln in table["attn"]}}), n_chunks, STAGES, layers)
+    check_schedule(p)
     assert len(p.lane_of) == n_chunks * (1 + 8 * layers) + 1
-    assert all(isinstance(t, Task) for t in p.tasks)
+    # the one queue the lanes take tasks from: every task once, in planned start order
+    assert sorted(p.tasks) == sorted(p.lane_of) and [p.start[t] for t in p.tasks] == sorted(p.start.values())
