@@ -24,7 +24,7 @@ from edge.export.families import Family, family_for
 from edge.export.graph.builder import WeightStore, io_specs
 from edge.export.graph.split import build_split
 from edge.export.graph.vision import build_vision_graph
-from edge.export.quant.recipe import FLOAT, AccuracySpec, CalibrationSpec, decoders, measure, plan_for_export
+from edge.export.quant.recipe import FLOAT, AccuracySpec, CalibrationSpec, decoders, measure, calibrate_and_plan
 from edge.export.quant.plan import QuantOptions, QuantPlan
 from edge.export.quant.vision import vision_linear
 from edge.export.sources import SourceModel, load_source
@@ -102,7 +102,7 @@ def quantize(m: Loaded, options: ExportOptions, quant: QuantOptions, calibration
     """Calibrate (unless ``calibrated`` is given) and plan every linear's quantization."""
     if not quant.quantized:
         return Quantized()
-    plan, cal = plan_for_export(m.cfg, m.weights, m.source.tokenizer_json, m.source.chat_template, options, quant,
+    plan, cal = calibrate_and_plan(m.cfg, m.weights, m.source.tokenizer_json, m.source.chat_template, options, quant,
                                 calibration, progress, calibrated)
     return Quantized(plan, {"text": calibration.label, "tokens": cal.tokens, "window": calibration.window})
 

@@ -193,7 +193,7 @@ def _multiple_of_tile(height: int, width: int, tile: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class TilePlan:
+class TileGrid:
     resized: tuple[int, int] | None  # (h, w) after the longest-edge resize, or None
     split: tuple[int, int]  # (h, w) the image is resized to before splitting (tile multiples)
     rows: int  # 0 and 0 when the image is one tile (no row/column markers)
@@ -204,18 +204,18 @@ class TilePlan:
         return self.rows * self.cols + 1 if self.rows or self.cols else 1
 
 
-def plan_tiles(height: int, width: int, cfg: VisionConfig) -> TilePlan:
+def tile_grid(height: int, width: int, cfg: VisionConfig) -> TileGrid:
     resized = None
     if cfg.do_resize:
         resized = _scale_below(*_rescale_to_max_len(height, width, cfg.longest_edge), TRANSFORMERS_MAX_SIDE)
         height, width = resized
     tile = cfg.max_image_size
     if not cfg.do_image_splitting:
-        return TilePlan(resized, (tile, tile), 0, 0)
+        return TileGrid(resized, (tile, tile), 0, 0)
     h, w = _multiple_of_tile(height, width, tile)
     if h > tile or w > tile:
-        return TilePlan(resized, (h, w), math.ceil(h / tile), math.ceil(w / tile))
-    return TilePlan(resized, (h, w), 0, 0)
+        return TileGrid(resized, (h, w), math.ceil(h / tile), math.ceil(w / tile))
+    return TileGrid(resized, (h, w), 0, 0)
 
 
 # ---------------------------------------------------------------- pixels
@@ -237,10 +237,10 @@ def _to_rgb(img: Image.Image, palette: list[int] | None) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255)), rgba).convert("RGB")
 
 
-def preprocess(image: LoadedImage, cfg: VisionConfig) -> tuple[np.ndarray, TilePlan]:
+def preprocess(image: LoadedImage, cfg: VisionConfig) -> tuple[np.ndarray, TileGrid]:
     """Tiles [T, 3, S, S] float32 (row-major crops, then the global image) and the tile plan."""
     img, resample = image.image, cfg.resample
-    plan = plan_tiles(img.height, img.width, cfg)
+    plan = tile_grid(img.height, img.width, cfg)
     if plan.resized is not None:
         img = _resize(img, *plan.resized, resample)
     tile = cfg.max_image_size
@@ -266,7 +266,7 @@ def preprocess(image: LoadedImage, cfg: VisionConfig) -> tuple[np.ndarray, TileP
 # ---------------------------------------------------------------- prompt layout (Idefics3Processor)
 
 
-def image_prompt_string(plan: TilePlan, cfg: VisionConfig) -> str:
+def image_prompt_string(plan: TileGrid, cfg: VisionConfig) -> str:
     image = cfg.image_token * cfg.tokens_per_tile
     fake, glob = cfg.fake_image_token, cfg.global_image_token
     if not (plan.rows or plan.cols):

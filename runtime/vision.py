@@ -112,7 +112,7 @@ def _expand(pieces: list[tuple[str, bool]], plans: list, cfg) -> list[tuple[str,
 def prepare_prompt(model: "Model", prompt: str, images: Any = None, raw: bool = False
                    ) -> tuple[list[int], np.ndarray | None]:
     """(token ids, prompt embeddings [1, n, H] with the image rows merged in, or None without images)."""
-    from edge.runtime.image import load_image, plan_tiles, preprocess
+    from edge.runtime.image import load_image, tile_grid, preprocess
 
     images = _as_list(images)
     check_text(prompt)
@@ -130,7 +130,7 @@ def prepare_prompt(model: "Model", prompt: str, images: Any = None, raw: bool = 
         raise ImageError(f"{len(images)} images in one prompt; at most {MAX_IMAGES}")
     cfg = model.vision.cfg
     loaded = [load_image(im, f"image {i + 1}") for i, im in enumerate(images)]
-    plans = [plan_tiles(*im.size, cfg) for im in loaded]
+    plans = [tile_grid(*im.size, cfg) for im in loaded]
     if raw:
         count = prompt.count(cfg.image_token)
         if count == 0:

@@ -22,8 +22,7 @@ from edge.export.quant.clip_search import Curve, search, weight_error
 
 PREFILL_SCHEMES = ("w8a8", "w8a8-nooutliers", "fp32")
 DECODE_SCHEMES = ("int8", "int4", "fp32")
-# strengths above 0.75 win in a few 8-bit groups (gate/up); on SmolLM2 the wider grid measured
-# +0.34% vs +0.42% (default plan) and +0.79% vs +1.10% (--act16 auto, budget 0.25) on 32k held-out tokens
+# strengths above 0.75 win in a few 8-bit groups (gate/up); the grid's measured effect: docs/quantization.md
 AUTO_ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.85, 0.95, 1.0)
 LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 AUTO_MAX_HOT = 16  # per group, in auto mode (the global budget is the real limit)
@@ -39,10 +38,9 @@ class QuantOptions:
     smooth: str = "auto"  # "auto" (alpha searched per group) | "off" | an alpha in [0, 1]
     # linear inputs that get 16-bit activations (two int8 passes), by kind, or ("auto",): the groups
     # where a second pass lowers the estimated noise-to-signal ratio most per multiply-add, until
-    # they hold ``act16_budget`` of the prefill linears' multiply-adds. On SmolLM2 (512-token
-    # prefill vs float, docs/quantization.md) the default kinds, half the multiply-adds, read +0.36%
-    # ppl at 1.43-1.51x; auto 0.25 +0.60% at 1.65-1.70x, but +1.49% with 8k calibration tokens
-    # (kinds: -0.26%): the estimate underrates the q/k/v inputs, whose errors reach every attention score
+    # they hold ``act16_budget`` of the prefill linears' multiply-adds. auto is faster but not the
+    # default: its estimate underrates the q/k/v inputs, whose errors reach every attention score
+    # (measured trade-offs: docs/quantization.md, "Which inputs get 16-bit activations")
     act16: tuple[str, ...] = ("q_proj", "o_proj", "down_proj")
     act16_budget: float = 0.25
     float_groups: int = 0  # keep the N groups with the largest estimated error in float

@@ -39,9 +39,8 @@ class CalibrationSpec:
     tokens: int = CALIB_TOKENS
     window: int = CALIB_WINDOW
     label: str = "pydoc_data.topics, first half"
-    # every other window as a chat in the model's template: measured on SmolLM2 (32k tokens) it
-    # does worse than plain text, on plain held-out text (+0.58% vs +0.46% ppl) and on held-out
-    # text in chat form (+0.91% vs +0.76%), so it is off by default (docs/quantization.md)
+    # every other window as a chat in the model's template: measured worse than plain text, even on
+    # held-out text in chat form, so it is off by default (figures in docs/quantization.md)
     chats: bool = False
 
 
@@ -92,7 +91,7 @@ def calibration_windows(tokenizer_json: str, chat_template: str | None, spec: Ca
     return wins
 
 
-def plan_for_export(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], tokenizer_json: str,
+def calibrate_and_plan(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], tokenizer_json: str,
                     chat_template: str | None, options: ExportOptions, quant: QuantOptions, spec: CalibrationSpec,
                     progress: Progress, calibration: Calibration | None = None) -> tuple[QuantPlan, Calibration]:
     if calibration is None:
@@ -137,7 +136,7 @@ def decode_emitter(quant: QuantOptions, decode_w: Mapping[str, np.ndarray],
     if quant.decode != "int4":
         return emit
     # int4 blocks give a Q4_1 source its own weights back exactly; a weight the migration changed
-    # (v_proj/o_proj) would be re-quantized to 4 bits (+1.4% ppl on SmolLM2): those stay int8
+    # (v_proj/o_proj) would be re-quantized to 4 bits (a measurable loss, docs/quantization.md): those stay int8
     changed = {n.removesuffix(".weight") for n, a in decode_w.items() if n.endswith(".weight") and a is not weights.get(n)}
     return PlannedLinear({n: LinearQuant("int8") for n in changed}, default=emit)
 

@@ -8,8 +8,8 @@ which leaves x @ W^T unchanged in float. The division is folded into whatever pr
   grouped-query attention a V row serves every query head of its group, so s is tied across them.
   The V cache then holds V / s: decode must apply the same migration (see changes_cache).
 - down_proj input <- up_proj rows (x = silu(gate) * up)
-The output projection's input is not smoothed: measured on SmolLM2, its own smoothed int8 copy
-(the tied table cannot take the scales) came out worse than no smoothing (+0.66% vs +0.41% ppl).
+The output projection's input is not smoothed: its own smoothed int8 copy (the tied table cannot
+take the scales) measured worse than no smoothing (docs/quantization.md).
 """
 
 from __future__ import annotations
