@@ -130,3 +130,52 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "real" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- tiny SmolVLM (random weights)
+
+VLM_CONTEXT = 512
+VLM_CHUNKS = (24, 200)  # 24: boundaries fall inside every prompt's image tokens; 200: few chunks
+
+
+class VLM:
+    """A tiny random SmolVLM folder, its bundles at two chunk lengths, loaded, and transformers' own
+    model and processor of the same folder (the oracle)."""
+
+    def __init__(self, root: Path):
+        import torch
+        from tiny_vlm import load_processor, make_tiny_vlm
+        from transformers import Idefics3ForConditionalGeneration
+
+        from edge.config import ExportOptions
+        from edge.export.pipeline import export_model
+        from edge.progress import Progress
+        from edge.runtime import Model
+
+        self.folder = make_tiny_vlm(root / "hf")
+        self.bundles = {}
+        for c in VLM_CHUNKS:
+            self.bundles[c] = root / f"bundle-c{c}"
+            export_model(self.folder, self.bundles[c], ExportOptions(chunk_length=c, max_context=VLM_CONTEXT),
+                         Progress(enabled=False))
+        self.models = {c: Model.load(p, threads=1) for c, p in self.bundles.items()}
+        self.processor = load_processor(self.folder)
+        self.hf = Idefics3ForConditionalGeneration.from_pretrained(
+            self.folder, dtype=torch.float32, attn_implementation="eager").eval()
+        self.hf.generation_config.eos_token_id = None  # compare a fixed number of greedy tokens
+        self.hf.generation_config.pad_token_id = 0
+
+    def hf_inputs(self, content: list[dict], images: list) -> dict:
+        import numpy as np
+        from PIL import Image
+
+        text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        out = self.processor(text=text, images=[Image.fromarray(i) if isinstance(i, np.ndarray) else i
+                                                for i in images], return_tensors="pt")
+        out.pop("token_type_ids", None)
+        return dict(out)
+
+
+@pytest.fixture(scope="session")
+def vlm(tmp_path_factory) -> "VLM":
+    return VLM(tmp_path_factory.mktemp("vlm"))
