@@ -55,7 +55,8 @@ class ExportOptions:
 
     chunk_length: int = 128
     max_context: int = 2048
-    plans: tuple[str, ...] = ("fused", "split")  # prefill plans to emit; fused is always the default
+    # prefill plans to emit (edge.plans): cpu (boards without an accelerator), fused, split (needs fused)
+    plans: tuple[str, ...] = ("cpu", "fused", "split")
     vision_weights: str = "fp32"  # multimodal bundles: the vision graph's linears, fp32 or int8 (edge.vision)
 
     def __post_init__(self) -> None:
@@ -63,9 +64,10 @@ class ExportOptions:
 
         if self.vision_weights not in VISION_WEIGHTS:
             raise ValueError(f"vision weights must be one of {', '.join(VISION_WEIGHTS)}, got {self.vision_weights!r}")
-        unknown = set(self.plans) - {"fused", "split"}
-        if unknown or "fused" not in self.plans:
-            raise ValueError(f"plans must include 'fused' and may add 'split', got {','.join(self.plans)}")
+        unknown = set(self.plans) - {"cpu", "fused", "split"}
+        if unknown or not self.plans or ("split" in self.plans and "fused" not in self.plans):
+            raise ValueError(f"plans: a comma-separated choice of cpu, fused, split (split needs fused), "
+                             f"got {','.join(self.plans) or 'none'}")
         if self.chunk_length < 1:
             raise ValueError(f"chunk length must be >= 1, got {self.chunk_length}")
         if self.max_context < self.chunk_length:

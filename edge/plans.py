@@ -1,6 +1,10 @@
 """Prefill plans recorded in the manifest (``plans`` section): how a prompt chunk runs.
 
-``fused``: one graph per chunk (``graphs.prefill``), best when only a CPU is present.
+``cpu``: one graph (``graphs.cpu``) with a dynamic token count for prompt chunks and decode steps,
+onnxruntime's fused CPU kernels, the KV cache bound in place, dynamically quantized block linears:
+what a board without an accelerator runs (runtime/cpu_plan.py).
+``fused``: one static-shape graph per chunk (``graphs.prefill``) + a decode graph: the
+accelerator method's graphs on one processor.
 ``split``: per-layer subgraphs shared by all chunks, each with a lane affinity:
 ``accel`` for the int8 linear blocks, ``cpu`` for the float parts (norms, RoPE, attention against
 the KV cache, outlier side paths). A chunk runs its stages in list order, the ``layer`` stages once
@@ -58,18 +62,41 @@ class SplitPlan:
                 "stages": [s.to_dict() for s in self.stages]}
 
 
+CPU_LINEARS = ("int8", "int4", "fp32")
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    graph: str = "cpu"          # the decoder (prompt chunks and decode steps)
+    embed: str = "cpu_embed"    # token ids -> embeddings, from the same table the head reads
+    linears: str = "int8"       # MatMulNBits int8 / int4 blocks, or fp32
+    block: int = 32
+    chunk: int = 512            # most prompt tokens one call takes (bounds activation memory)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "cpu", "graph": self.graph, "embed": self.embed, "linears": self.linears,
+                "block": self.block, "chunk": self.chunk}
+
+
 @dataclass(frozen=True)
 class Plans:
     default: str = "fused"
     split: SplitPlan | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # plans this runtime does not know, kept as read
+    cpu: CpuPlan | None = None
+    fused: bool = True
 
     @property
     def names(self) -> tuple[str, ...]:
-        return ("fused",) + (("split",) if self.split else ()) + tuple(self.extra)
+        return ((("cpu",) if self.cpu else ()) + (("fused",) if self.fused else ()) + (("split",) if self.split else ())
+                + tuple(self.extra))
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"default": self.default, "fused": {"kind": "fused", "graph": "prefill"}}
+        d: dict[str, Any] = {"default": self.default}
+        if self.cpu:
+            d["cpu"] = self.cpu.to_dict()
+        if self.fused:
+            d["fused"] = {"kind": "fused", "graph": "prefill"}
         if self.split:
             d["split"] = self.split.to_dict()
         d.update(self.extra)
@@ -126,11 +153,40 @@ def parse_plans(d: Any, where: str, num_layers: int, graphs: dict) -> Plans:
             raise BundleError(f"{where}.split.chunk_length: expected an integer >= 1, got {chunk!r}")
         _check_registers(stages, f"{where}.split")
         split = SplitPlan(chunk, stages, bool(sd.get("side_paths", False)))
-    extra = {k: v for k, v in d.items() if k not in ("default", "fused", "split")}
-    plans = Plans(default=d.get("default", "fused"), split=split, extra=extra)
+    cpu = _cpu(d["cpu"], f"{where}.cpu", graphs) if "cpu" in d else None
+    fused = "fused" in d or "cpu" not in d  # bundles from before the CPU plan list no fused entry
+    missing = [g for g in ("embed", "prefill", "decode") if fused and g not in graphs]
+    if missing:
+        raise BundleError(f"{where}.fused: graphs.{missing[0]} missing (the fused plan needs embed, prefill, decode)")
+    if split is not None and not fused:
+        raise BundleError(f"{where}.split: the split plan needs the fused plan's decode and embed graphs")
+    extra = {k: v for k, v in d.items() if k not in ("default", "fused", "split", "cpu")}
+    plans = Plans(default=d.get("default", "fused"), split=split, extra=extra, cpu=cpu, fused=fused)
     if plans.default not in plans.names:
         raise BundleError(f"{where}.default: {plans.default!r} is not one of the bundle's plans {plans.names}")
     return plans
+
+
+def _cpu(d: Any, where: str, graphs: dict) -> CpuPlan:
+    if not isinstance(d, dict):
+        raise BundleError(f"{where}: expected an object")
+    try:
+        plan = CpuPlan(graph=d["graph"], embed=d["embed"], linears=d["linears"], block=d["block"], chunk=d["chunk"])
+    except KeyError as e:
+        raise BundleError(f"{where}: missing field {e}") from None
+    for key in ("graph", "embed", "linears"):
+        if not isinstance(getattr(plan, key), str):
+            raise BundleError(f"{where}.{key}: expected a string, got {getattr(plan, key)!r}")
+    for key in ("graph", "embed"):
+        if getattr(plan, key) not in graphs:
+            raise BundleError(f"{where}.{key}: {getattr(plan, key)!r} is not a graph of this bundle")
+    if plan.linears not in CPU_LINEARS:
+        raise BundleError(f"{where}.linears: expected one of {CPU_LINEARS}, got {plan.linears!r}")
+    for key in ("block", "chunk"):
+        v = getattr(plan, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise BundleError(f"{where}.{key}: expected an integer >= 1, got {v!r}")
+    return plan
 
 
 def _check_registers(stages: tuple[Stage, ...], where: str) -> None:

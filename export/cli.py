@@ -21,9 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="bundle folder to write (replaced atomically)")
     p.add_argument("--chunk", type=int, default=ExportOptions.chunk_length, help="prefill chunk length (tokens)")
     p.add_argument("--context", type=int, default=ExportOptions.max_context, help="max context (KV cache positions)")
-    p.add_argument("--plans", default="fused,split",
-                   help="prefill plans to emit, comma-separated: fused (always; the default plan) and split "
-                        "(per-layer subgraphs for CPU + accelerator lanes; shares the weights file)")
+    p.add_argument("--plans", default="cpu,fused,split",
+                   help="plans to emit, comma-separated: cpu (one fused-kernel graph for prompt and decode, "
+                        "for boards without an accelerator; --plans cpu alone makes the smallest bundle), fused "
+                        "(static-shape chunk graphs, W8A8) and split (fused's per-layer subgraphs for a CPU + "
+                        "accelerator pair; needs fused). The runtime picks cpu without an accelerator")
     p.add_argument("--vision-weights", choices=VISION_WEIGHTS, default=None,
                    help="vision-language models: the vision graph's linears, int8 (weights per output channel, run "
                         "by onnxruntime as 8-bit MatMulNBits; default when --quant is w8a8*) or fp32 (default "
@@ -46,7 +48,7 @@ def _multimodal(model: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from edge.export.pipeline import export_model, measures, steps
+    from edge.export.pipeline import calibrates, export_model, measures, steps
 
     args.quant = quant_options.resolve_scheme(args.quant, _multimodal(args.model))
     try:
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, EdgeError) as e:
         print(f"edge-export: error: {e}", file=sys.stderr)
         return 2
-    progress = Progress(total_steps=steps(quant.quantized, measured=measures(quant, accuracy)), enabled=not args.quiet)
+    progress = Progress(total_steps=steps(calibrates(quant, options), measured=measures(quant, accuracy, options)),
+                        enabled=not args.quiet)
     try:
         manifest = export_model(args.model, args.output, options, progress, quant=quant, calibration=calib,
                                 accuracy=accuracy)
@@ -68,12 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(r["size"] for r in manifest.files.values())
         print(f"wrote {args.output}: {len(manifest.graphs)} graphs, {size / 1e6:.1f} MB, "
               f"in {progress.elapsed():.1f}s", file=sys.stderr)
-        acc = manifest.quantization.get("accuracy")
-        if acc:
+        acc = manifest.quantization.get("accuracy") or {}
+        if "float" in acc:
             dec = acc.get("decode_weights")
-            print(f"held-out perplexity: float {acc['float']:.3f}, quantized prefill {acc['quantized']:.3f} "
-                  f"({acc['change_percent']:+.2f}%)" + (f", decode weights {dec['scheme']} {dec['perplexity']:.3f} "
-                                                       f"({dec['change_percent']:+.2f}%)" if dec else ""),
+            print(f"held-out perplexity (fused/split plans): float {acc['float']:.3f}, quantized prefill "
+                  f"{acc['quantized']:.3f} ({acc['change_percent']:+.2f}%)" +
+                  (f", decode weights {dec['scheme']} {dec['perplexity']:.3f} ({dec['change_percent']:+.2f}%)"
+                   if dec else ""), file=sys.stderr)
+        for text, r in acc.get("cpu", {}).items():
+            print(f"perplexity, cpu plan, {text}: " + (f"skipped ({r['skipped']})" if "skipped" in r else
+                  f"float {r['float']:.3f}, {manifest.plans.cpu.linears} {r['quantized']:.3f} ({r['change_percent']:+.2f}%)"),
                   file=sys.stderr)
     return 0
 

@@ -15,16 +15,19 @@ import onnx
 import edge
 from edge.config import DecoderConfig, ExportOptions
 from edge.manifest import FORMAT_VERSION, MANIFEST_NAME, GraphSpec, Manifest, TensorSpec, file_record
-from edge.plans import Plans, SplitPlan
+from edge.plans import CpuPlan, Plans
 from edge.progress import Progress
 from edge.vision import VisionConfig
 
 from edge.export.bundle_writer import write_atomically
 from edge.export.families import Family, family_for
+from edge.export.graph.cpu_decoder import CpuDecoderGraph
 from edge.export.graph.builder import WeightStore, io_specs
 from edge.export.graph.split import build_split
 from edge.export.graph.vision import build_vision_graph
-from edge.export.quant.recipe import FLOAT, AccuracySpec, CalibrationSpec, decoders, measure, calibrate_and_plan
+from edge.export.quant.recipe import (CPU_CHUNK, FLOAT, AccuracySpec, CalibrationSpec, calibrate_and_plan, cpu_record,
+                                      decoders, measure)
+from edge.export.quant.accuracy import texts_accuracy
 from edge.export.quant.plan import QuantOptions, QuantPlan
 from edge.export.quant.vision import vision_linear
 from edge.export.sources import SourceModel, load_source
@@ -73,7 +76,7 @@ class Built:
     store: WeightStore
     graphs: dict[str, tuple[onnx.ModelProto, str, str]]
     quant_record: dict[str, Any]
-    split: SplitPlan | None
+    plans: Plans
     vision: VisionConfig | None
 
 
@@ -100,7 +103,7 @@ def load(model: str | Path, options: ExportOptions, progress: Progress) -> Loade
 def quantize(m: Loaded, options: ExportOptions, quant: QuantOptions, calibration: CalibrationSpec,
              progress: Progress, calibrated: "Calibration | None" = None) -> Quantized:
     """Calibrate (unless ``calibrated`` is given) and plan every linear's quantization."""
-    if not quant.quantized:
+    if not calibrates(quant, options):  # only the static W8A8 graphs need calibration
         return Quantized()
     plan, cal = calibrate_and_plan(m.cfg, m.weights, m.source.tokenizer_json, m.source.chat_template, options, quant,
                                 calibration, progress, calibrated)
@@ -108,26 +111,40 @@ def quantize(m: Loaded, options: ExportOptions, quant: QuantOptions, calibration
 
 
 def build_graphs(m: Loaded, options: ExportOptions, quant: QuantOptions, q: Quantized, progress: Progress) -> Built:
-    with progress.stage(f"building graphs (chunk {options.chunk_length}, context {options.max_context})"):
+    with progress.stage(f"building graphs ({', '.join(options.plans)}; chunk {options.chunk_length}, "
+                        f"context {options.max_context})"):
         store = WeightStore()
-        parts = decoders(m.cfg, m.weights, store, options.max_context, quant, q.plan)
-        graphs = {
-            "embed": (parts.embed(), "embed.onnx", "embed"),
-            "prefill": (parts.prefill.build("prefill", options.chunk_length, "past_len", logits_rows=True),
-                        "prefill.onnx", "prefill"),
-            "decode": (parts.decode.build("decode", 1, "past_len"), "decode.onnx", "decode"),
-        }
+        graphs: dict[str, tuple[onnx.ModelProto, str, str]] = {}
+        record: dict[str, Any] = {}
+        cpu_plan = None
+        if "cpu" in options.plans:  # one fused-kernel graph for prompt and decode, from the float/GGUF weights
+            cpu = CpuDecoderGraph(m.cfg, m.weights, store, options.max_context, quant.cpu, m.source.blocks)
+            graphs["cpu"] = (cpu.build(), "cpu.onnx", "cpu")
+            graphs["cpu_embed"] = (cpu.build_embed(), "cpu_embed.onnx", "embed")
+            cpu_plan = CpuPlan(linears=quant.cpu, chunk=min(CPU_CHUNK, options.max_context))
+            record["cpu"] = cpu_record(quant.cpu, m.source.blocks)
         split_plan = None
-        if "split" in options.plans:  # per-layer subgraphs for a CPU + accelerator prefill (same weights)
-            split_graphs, split_plan = build_split(parts.prefill, options.chunk_length)
-            graphs.update({k: (proto, f"{k}.onnx", "split") for k, proto in split_graphs.items()})
+        if "fused" in options.plans:
+            parts = decoders(m.cfg, m.weights, store, options.max_context, quant, q.plan)
+            graphs.update({
+                "embed": (parts.embed(), "embed.onnx", "embed"),
+                "prefill": (parts.prefill.build("prefill", options.chunk_length, "past_len", logits_rows=True),
+                            "prefill.onnx", "prefill"),
+                "decode": (parts.decode.build("decode", 1, "past_len"), "decode.onnx", "decode"),
+            })
+            record.update(parts.record)
+            if "split" in options.plans:  # per-layer subgraphs for a CPU + accelerator prefill (same weights)
+                split_graphs, split_plan = build_split(parts.prefill, options.chunk_length)
+                graphs.update({k: (proto, f"{k}.onnx", "split") for k, proto in split_graphs.items()})
         vision = m.vision
         if vision is not None:  # image tiles -> image-token embeddings, merged into the prompt by the runtime
             vision = dataclasses.replace(vision, linear_weights=options.vision_weights)
             graphs["vision"] = (build_vision_graph(vision, m.weights, store, vision_linear(options.vision_weights)),
                                 "vision.onnx", "vision")
-    record = {**parts.record, **({"calibration": q.calibration} if q.calibration else {})}
-    return Built(store, graphs, record, split_plan, vision)
+    if q.calibration:
+        record["calibration"] = q.calibration
+    return Built(store, graphs, record, Plans(default="cpu" if cpu_plan else "fused", split=split_plan,
+                                              cpu=cpu_plan, fused="fused" in options.plans), vision)
 
 
 def write_bundle(folder: Path, m: Loaded, options: ExportOptions, b: Built) -> Manifest:
@@ -148,7 +165,7 @@ def write_bundle(folder: Path, m: Loaded, options: ExportOptions, b: Built) -> M
         source=m.source.identity,
         quantization=b.quant_record,
         format_version=FORMAT_VERSION,
-        plans=Plans(default="fused", split=b.split),
+        plans=b.plans,
         vision=b.vision,
     )
     (folder / MANIFEST_NAME).write_text(manifest.dumps(), encoding="utf-8")
@@ -157,20 +174,36 @@ def write_bundle(folder: Path, m: Loaded, options: ExportOptions, b: Built) -> M
 
 def verify(folder: Path, manifest: Manifest, m: Loaded, options: ExportOptions, quant: QuantOptions,
            q: Quantized, accuracy: AccuracySpec, progress: Progress) -> Manifest:
-    """The bundle as written, loaded by the runtime and measured against float (held-out
-    perplexity, stored in the manifest), before it replaces the target."""
+    """The bundle as written, loaded by the runtime plan by plan and measured against float
+    (perplexity, stored in the manifest), before it replaces the target."""
     from edge.runtime.model import Model
 
-    with progress.stage("measuring held-out perplexity (quantized bundle vs float)"):
-        rec = measure(m.cfg, m.weights, Model.load(folder, verify_hashes=False), quant, q.plan, options.chunk_length,
-                      accuracy, progress)
+    rec: dict[str, Any] = {}
+    reference: dict[str, float] = {}  # float perplexity per text, measured once
+    with progress.stage("measuring perplexity (bundle vs float)"):
+        if _fused_quantized(quant, options):
+            rec = measure(m.cfg, m.weights, Model.load(folder, verify_hashes=False, plan="fused"), quant, q.plan,
+                          options.chunk_length, accuracy, progress)
+            reference["pydoc-heldout"] = rec["float"]
+        if "cpu" in options.plans and quant.cpu != "fp32":
+            rec["cpu"] = texts_accuracy(m.cfg, m.weights, Model.load(folder, verify_hashes=False, plan="cpu"),
+                                        options.chunk_length, accuracy.tokens, accuracy.window, progress, reference,
+                                        f"cpu plan ({quant.cpu})")
     manifest = dataclasses.replace(manifest, quantization={**manifest.quantization, "accuracy": rec})
     (folder / MANIFEST_NAME).write_text(manifest.dumps(), encoding="utf-8")
     return manifest
 
 
-def measures(quant: QuantOptions, accuracy: AccuracySpec) -> bool:
-    return accuracy.enabled and (quant.quantized or quant.decode != "fp32")
+def _fused_quantized(quant: QuantOptions, options: ExportOptions) -> bool:
+    return "fused" in options.plans and (quant.quantized or quant.decode != "fp32")
+
+
+def measures(quant: QuantOptions, accuracy: AccuracySpec, options: ExportOptions) -> bool:
+    return accuracy.enabled and (_fused_quantized(quant, options) or ("cpu" in options.plans and quant.cpu != "fp32"))
+
+
+def calibrates(quant: QuantOptions, options: ExportOptions) -> bool:
+    return quant.quantized and "fused" in options.plans
 
 
 def export_model(model: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
@@ -180,8 +213,8 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
     """load -> quantize (calibrate + plan) -> build graphs -> write bundle -> verify, the bundle
     written atomically. ``quant`` None = float bundle; ``calibrated``: reuse a calibration."""
     quant = quant or FLOAT
-    progress = progress or Progress(total_steps=steps(quant.quantized, calibrated is not None,
-                                                      measures(quant, accuracy)))
+    progress = progress or Progress(total_steps=steps(calibrates(quant, options), calibrated is not None,
+                                                      measures(quant, accuracy, options)))
     loaded = load(model, options, progress)
     quantized = quantize(loaded, options, quant, calibration, progress, calibrated)
     built = build_graphs(loaded, options, quant, quantized, progress)
@@ -190,7 +223,7 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
     def fill(folder: Path) -> None:
         with progress.stage(f"writing bundle {out} ({built.store.nbytes / 1e6:.0f} MB of weights)"):
             manifest = write_bundle(folder, loaded, options, built)
-        if measures(quant, accuracy):
+        if measures(quant, accuracy, options):
             manifest = verify(folder, manifest, loaded, options, quant, quantized, accuracy, progress)
         written.append(manifest)
 

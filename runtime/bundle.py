@@ -13,7 +13,6 @@ from edge.manifest import GraphSpec, Manifest, read_manifest, safe_relative, ver
 
 from edge.runtime.onnx_refs import external_data_refs
 
-REQUIRED_GRAPHS = ("embed", "prefill", "decode")
 
 
 @dataclass(frozen=True)
@@ -28,9 +27,7 @@ class Bundle:
 def open_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     path = Path(path)
     manifest = read_manifest(path)
-    for role in REQUIRED_GRAPHS:
-        if role not in manifest.graphs:
-            raise BundleError(f"{path}/manifest.json: graphs.{role} missing (has {sorted(manifest.graphs)})")
+    # every plan's graphs are checked present when the manifest is read (edge.plans)
     verify_files(path, manifest, check_hashes=verify_hashes)
     for key, spec in manifest.graphs.items():
         check_external_data(path, key, spec, manifest)

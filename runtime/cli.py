@@ -27,9 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="print timing to stderr at the end")
     g = p.add_argument_group("prefill plan and devices")
     g.add_argument("--devices", action="store_true", help="list the accelerators onnxruntime offers here, and exit")
-    g.add_argument("--plan", choices=("fused", "split"), default=None,
-                   help="fused: one graph per chunk (the default); split: per-layer subgraphs on a CPU lane and an "
-                        "accelerator lane, scheduled out of order")
+    g.add_argument("--plan", choices=("cpu", "fused", "split"), default=None,
+                   help="cpu: one fused-kernel graph for prompt and decode; fused: static-shape chunk graphs; split: "
+                        "fused's per-layer subgraphs on a CPU lane and an accelerator lane, out of order (default: "
+                        "split where a real accelerator is present, else cpu, else the bundle's default)")
     g.add_argument("--accelerator", default="auto", metavar="NAME|none|auto",
                    help="accelerator lane of the split plan (see --devices); auto: the best real one, else a second "
                         "CPU lane; none: CPU lane only; a missing NAME is an error")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stats:
         ttft = (first or t2) - t1
         decode_tps = (n - 1) / (t2 - first) if first and n > 1 else 0.0
-        print(f"load {t_load:.2f}s | prompt {len(ids)} tokens, first token after {ttft * 1e3:.0f} ms "
+        print(f"plan {model.plan} | load {t_load:.2f}s | prompt {len(ids)} tokens, first token after {ttft * 1e3:.0f} ms "
               f"({len(ids) / ttft:.0f} tok/s) | {n} new tokens, decode {decode_tps:.1f} tok/s", file=sys.stderr)
     trace = model.split_prefill.last_trace if model.split_prefill is not None else None
     if trace is not None:

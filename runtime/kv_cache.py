@@ -41,3 +41,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+    def rows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` positions' keys and values [layers, n, kv_heads, head_dim]."""
+        return self.keys[:, :n], self.values[:, :n]

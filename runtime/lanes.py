@@ -117,6 +117,24 @@ def choose_accelerator(accelerator: str) -> Device | None:
                       f"onnxruntime build that has them")
 
 
+def _accelerator_possible() -> bool:
+    """Whether "auto" could find a real accelerator, without importing the QNN plugin off ARM
+    (on x86 it holds only the HTP simulator, which "auto" never takes)."""
+    providers = set(ort.get_available_providers())
+    return _is_arm() or any(p in providers for _, p, kind in KNOWN if kind in ("npu", "gpu"))
+
+
+def pick_plan(plans, accelerator: str = "auto") -> str:
+    """The plan for the devices present: split where a real accelerator (NPU/GPU, not a
+    simulator) can take its int8 stages, else cpu, else the bundle's default. ``plans``: the
+    manifest's edge.plans.Plans."""
+    if "split" in plans.names and accelerator != "none" and (accelerator != "auto" or _accelerator_possible()):
+        device = choose_accelerator(accelerator)
+        if device is not None and device.kind in ("npu", "gpu") and not device.simulated:
+            return "split"
+    return "cpu" if "cpu" in plans.names else plans.default
+
+
 @dataclass
 class Lane:
     """One execution provider + one worker thread. Lanes with the same provider and thread count

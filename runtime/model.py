@@ -13,7 +13,9 @@ from edge.errors import BundleError, PromptError
 
 from edge.runtime.bundle import Bundle, open_bundle
 from edge.runtime.chunks import ChunkRunner
+from edge.runtime.cpu_plan import CpuCache, CpuPlan
 from edge.runtime.kv_cache import KVCache
+from edge.runtime.lanes import pick_plan
 from edge.runtime.sampling import Sampler, SamplingParams
 from edge.runtime.sessions import open_session, session_options
 from edge.runtime.shared_weights import SharedWeights, trim_heap
@@ -23,29 +25,36 @@ from edge.runtime.tokenizer import Tokenizer, check_text
 class Model:
     def __init__(self, bundle: Bundle, threads: int = 0, plan: str | None = None, accelerator: str = "auto",
                  lane_threads: int = 1, share_weights: bool = True):
-        """``plan``: prefill plan, "fused" (one graph per chunk) or "split" (per-layer subgraphs on a
-        CPU lane and an accelerator lane, out of order); None = the bundle's default (fused).
-        ``accelerator`` (split only): "auto" | "none" | a name from edge.runtime.lanes.list_devices();
+        """``plan``: "cpu" (one fused-kernel graph for prompt and decode, the KV cache in place),
+        "fused" (static-shape chunk graphs) or "split" (fused's per-layer subgraphs on a CPU lane and an
+        accelerator lane, out of order); None = picked for the devices present (lanes.pick_plan: split
+        when a real accelerator is there, else cpu, else the bundle's default).
+        ``accelerator``: "auto" | "none" | a name from edge.runtime.lanes.list_devices();
         ``lane_threads``: onnxruntime threads of each CPU-backed lane. ``share_weights``: the embed,
         prefill and decode sessions read one memory map of the weights (runtime/shared_weights.py)
         instead of a copy each."""
         self.bundle = bundle
         m = bundle.manifest
-        self.plan = plan or m.plans.default
-        if self.plan not in m.plans.names:
-            raise BundleError(f"{bundle.path}: no prefill plan {self.plan!r} in this bundle (has {', '.join(m.plans.names)})")
+        if plan is not None and plan not in m.plans.names:
+            raise BundleError(f"{bundle.path}: no prefill plan {plan!r} in this bundle (has {', '.join(m.plans.names)})")
+        self.plan = plan or pick_plan(m.plans, accelerator)
         self.config, self.chunk_length, self.max_context = m.model, m.chunk_length, m.max_context
         self.tokenizer = Tokenizer(bundle.file(m.tokenizer["file"]), m.tokenizer.get("chat_template"),
                                    manifest={"model": m.model.to_dict(), "tokenizer": m.tokenizer})
         so = session_options(threads)
         self.shared_weights = SharedWeights(bundle.path) if share_weights else None
         self.sessions: dict[str, ort.InferenceSession] = {}
-        for role in ("embed", "decode") + (("prefill",) if self.plan == "fused" else ()):
-            spec = m.graphs[role]
+        graphs = {"cpu": {"embed": m.plans.cpu.embed, "cpu": m.plans.cpu.graph} if m.plans.cpu else {},
+                  "fused": {"embed": "embed", "decode": "decode", "prefill": "prefill"},
+                  "split": {"embed": "embed", "decode": "decode"}}[self.plan]
+        for role, key in graphs.items():
+            spec = m.graphs[key]
             path = bundle.file(spec.file)
             role_so = self.shared_weights.session_options(path, so) if self.shared_weights else so
             self.sessions[role] = open_session(path, role_so, spec=spec)
         self.chunks = ChunkRunner(self.sessions["prefill"], self.chunk_length) if self.plan == "fused" else None
+        self.cpu = CpuPlan(self.sessions["cpu"], self.config, self.max_context, m.plans.cpu.chunk) \
+            if self.plan == "cpu" else None
         self.vision = None  # multimodal bundles: the vision encoder (runtime/vision.py)
         if m.vision is not None:
             from edge.runtime.vision import VisionEncoder
@@ -66,8 +75,9 @@ class Model:
         return cls(open_bundle(Path(path), verify_hashes=verify_hashes), threads=threads, **kwargs)
 
     # ---------------------------------------------------------------- building blocks
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config, self.max_context)
+    def new_cache(self) -> KVCache | CpuCache:
+        """A KV cache for this plan (``.length`` valid rows; lowering it rolls the cache back)."""
+        return self.cpu.new_cache() if self.cpu else KVCache(self.config, self.max_context)
 
     def embed(self, ids: Sequence[int]) -> np.ndarray:
         arr = np.asarray(ids, dtype=np.int64)[None, :]
@@ -81,6 +91,8 @@ class Model:
         n = embeds.shape[1]
         if cache.length + n > self.max_context:
             raise PromptError(f"{cache.length + n} tokens do not fit in the context of {self.max_context}")
+        if self.cpu is not None:
+            return self.cpu.prefill(embeds, cache, all_logits)
         if self.split_prefill is not None:
             return self.split_prefill.prefill(embeds, cache, all_logits)
         # only the logit rows someone reads: none before the last chunk
@@ -91,6 +103,8 @@ class Model:
         pos = cache.length
         if pos >= self.max_context:
             raise PromptError(f"context of {self.max_context} tokens is full")
+        if self.cpu is not None:
+            return self.cpu.decode_step(self.embed([token]), cache)
         sess = self.sessions["decode"]
         feeds = {"input_ids": np.array([[token]], np.int64), "start": np.array([pos], np.int64), **cache.feeds(pos)}
         names = [o.name for o in sess.get_outputs()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -29,6 +30,26 @@ def split_text(text: str) -> tuple[str, str]:
 
 def heldout_text() -> str:
     return split_text(default_text())[1]
+
+
+LICENSES = Path("/usr/share/common-licenses")
+LICENSE_FILES = ("GPL-3", "Apache-2.0", "MPL-2.0")
+
+
+def license_text() -> str:
+    """Legal prose far from the pydoc calibration text: the GPL-3, Apache-2.0 and MPL-2.0 texts
+    Debian's base-files installs, joined in that order."""
+    missing = [n for n in LICENSE_FILES if not (LICENSES / n).is_file()]
+    if missing:
+        raise PromptError(f"{LICENSES}: no {', '.join(missing)} (Debian's base-files installs them)")
+    return "\n\n".join((LICENSES / n).read_text(encoding="utf-8") for n in LICENSE_FILES)
+
+
+# the evaluation texts of an export's accuracy report: name -> (description, loader)
+EVAL_TEXTS: dict[str, tuple[str, Callable[[], str]]] = {
+    "pydoc-heldout": ("pydoc_data.topics, second half (held out from calibration)", heldout_text),
+    "licenses": ("GPL-3 + Apache-2.0 + MPL-2.0 from /usr/share/common-licenses (another domain)", license_text),
+}
 
 
 @dataclass(frozen=True)

@@ -60,13 +60,13 @@ class TinyZoo:
             self._bundles[key] = out
         return self._bundles[key]
 
-    def model(self, name: str, chunk: int = 16, context: int = CONTEXT):
-        """A loaded runtime Model (shared: do not keep state in it)."""
-        key = (name, chunk, context)
+    def model(self, name: str, chunk: int = 16, context: int = CONTEXT, plan: str | None = None):
+        """A loaded runtime Model (shared: do not keep state in it); ``plan`` None: the runtime's pick."""
+        key = (name, chunk, context, plan)
         if key not in self._models:
             from edge.runtime import Model
 
-            self._models[key] = Model.load(self.bundle(name, chunk, context), threads=1)
+            self._models[key] = Model.load(self.bundle(name, chunk, context), threads=1, plan=plan)
         return self._models[key]
 
     def hf_model(self, name: str):

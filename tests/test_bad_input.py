@@ -253,11 +253,12 @@ def test_unlisted_graph_file(zoo, tmp_path):
     assert "prefill.onnx" in msg and "not listed under files" in msg
 
 
-def test_graph_io_differs_from_manifest(zoo, tmp_path):
+@pytest.mark.parametrize("graph, plan", [("prefill", "fused"), ("cpu", "cpu")])
+def test_graph_io_differs_from_manifest(zoo, tmp_path, graph, plan):
     b = zoo.copy_bundle(tmp_path)
-    edit_manifest(b, lambda d: d["graphs"]["prefill"]["inputs"][0].update(shape=[1, 99, 64]))
-    msg = load_error(b)
-    assert "prefill.onnx" in msg and "inputs_embeds" in msg and "manifest says [1, 99, 64]" in msg
+    edit_manifest(b, lambda d: d["graphs"][graph]["inputs"][0].update(shape=[1, 99, 64]))
+    msg = load_error(b, plan=plan)
+    assert f"{graph}.onnx" in msg and "inputs_embeds" in msg and "manifest says [1, 99, 64]" in msg
 
 
 def test_graph_file_not_onnx(zoo, tmp_path):

@@ -30,7 +30,8 @@ def split_models(zoo):
     out = {}
     for name in VARIANTS:
         bundle = zoo.bundle(name, CHUNK)
-        out[name] = (zoo.model(name, CHUNK), Model.load(bundle, plan="split", accelerator="cpu", verify_hashes=False))
+        out[name] = (Model.load(bundle, plan="fused", verify_hashes=False),
+                     Model.load(bundle, plan="split", accelerator="cpu", verify_hashes=False))
     return out
 
 
@@ -170,7 +171,7 @@ def test_w8a8_side_paths_go_to_cpu_stages_and_match_fused(zoo, tmp_path):
             elif side_ops <= ops:
                 has_side.add(st.name)
     assert has_side and has_side <= {"attn", "post_attn", "act", "post_mlp", "head"}  # head: CPU, int8 rows
-    fused = Model.load(out, threads=1, verify_hashes=False)
+    fused = Model.load(out, threads=1, verify_hashes=False, plan="fused")
     split = Model.load(out, plan="split", accelerator="cpu", verify_hashes=False)
     ids = ids_of(40)
     a = fused.prefill(fused.embed(ids), fused.new_cache(), all_logits=True)
@@ -185,7 +186,7 @@ def test_manifest_describes_the_split_plan(zoo):
     from edge.manifest import read_manifest
 
     m = read_manifest(zoo.bundle("llama", CHUNK))
-    assert m.plans.default == "fused" and m.plans.names == ("fused", "split")
+    assert m.plans.default == "cpu" and m.plans.names == ("cpu", "fused", "split")
     stages = {s.name: s for s in m.plans.split.stages}
     assert {s.lane for s in stages.values()} == {"cpu", "accel"}
     assert stages["attn"].cross_chunk and stages["attn"].graphs == ("split.attn",)  # shared by all layers

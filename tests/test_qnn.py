@@ -133,8 +133,8 @@ def test_split_prefill_with_qnn_lane_matches_cpu_lanes(qdq_bundle, zoo):
     bundle, _ = qdq_bundle
     fp32 = zoo.model("llama", CHUNK)  # the same weights, float
     on_qnn = Model.load(bundle, plan="split", accelerator="qnn", verify_hashes=False)
-    assert on_qnn.split.lanes["accel"].device.name == "qnn"
-    assert not on_qnn.split.flexible  # a real accelerator: affinity decides
+    assert on_qnn.split_prefill.lanes["accel"].device.name == "qnn"
+    assert not on_qnn.split_prefill.flexible  # a real accelerator: affinity decides
     on_cpu = Model.load(bundle, plan="split", accelerator="cpu", verify_hashes=False)
     ids = np.random.default_rng(7).integers(0, 300, CHUNK + 5).tolist()  # two chunks, the last partial
     a = on_qnn.prefill(on_qnn.embed(ids), on_qnn.new_cache(), all_logits=True)

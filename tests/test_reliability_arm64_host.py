@@ -18,7 +18,7 @@ def test_arm_test_file_passes_on_host_bundles(tmp_path):
     import prepare_bundles
 
     expected = prepare_bundles.main(tmp_path / "bundles")
-    assert set(expected["bundles"]) == set(prepare_bundles.VARIANTS)
+    assert set(expected["bundles"]) == {f"{v}@{p}" for v in prepare_bundles.VARIANTS for p in prepare_bundles.PLANS}
     assert all(len(c["greedy"]) == prepare_bundles.NEW_TOKENS for cases in expected["bundles"].values() for c in cases)
     assert json.loads((tmp_path / "bundles" / "expected.json").read_text()) == expected
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--confcutdir",

@@ -34,6 +34,7 @@ class WeightStore:
         self._arrays: dict[str, np.ndarray] = {}
         self._offsets: dict[str, int] = {}
         self._aliases: dict[str, str] = {}
+        self._alias_shapes: dict[str, tuple[int, ...]] = {}
         self._size = 0
 
     def add(self, name: str, array: np.ndarray) -> str:
@@ -48,12 +49,17 @@ class WeightStore:
         self._size += array.nbytes
         return name
 
-    def alias(self, name: str, of: str) -> str:
-        """A second initializer name for the bytes of ``of`` (stored once). onnxruntime fuses
-        DQ -> MatMul into MatMulNBits only when no other node reads the int8 weight; a token
-        lookup of the same table reads it under its own name."""
+    def alias(self, name: str, of: str, shape: tuple[int, ...] | None = None) -> str:
+        """A second initializer name for the bytes of ``of`` (stored once), optionally viewed with
+        another ``shape`` of the same size. onnxruntime fuses DQ -> MatMul into MatMulNBits only
+        when no other node reads the int8 weight; a token lookup of the same table reads it under
+        its own name (and the CPU plan's lookup needs the head's blocks as [vocab, hidden])."""
         if self._aliases.setdefault(name, of) != of or name in self._arrays:
             raise ValueError(f"weight alias {name!r} already names another tensor")
+        if shape is not None:
+            if int(np.prod(shape)) != self._arrays[of].size:
+                raise ValueError(f"weight alias {name!r}: shape {shape} does not fit {of!r} {self._arrays[of].shape}")
+            self._alias_shapes[name] = tuple(shape)
         return name
 
     def get(self, name: str) -> np.ndarray | None:
@@ -65,7 +71,7 @@ class WeightStore:
         t = TensorProto()
         t.name = name
         t.data_type = _ONNX_DTYPE[a.dtype]
-        t.dims.extend(a.shape)
+        t.dims.extend(self._alias_shapes.get(name, a.shape))
         t.data_location = TensorProto.EXTERNAL
         for k, v in (("location", self.file_name), ("offset", str(self._offsets[stored])), ("length", str(a.nbytes))):
             e = t.external_data.add()
@@ -118,9 +124,9 @@ class GraphBuilder:
             self._weights.append(name)
         return name
 
-    def weight_alias(self, name: str, of: str) -> str:
+    def weight_alias(self, name: str, of: str, shape: tuple[int, ...] | None = None) -> str:
         """``name`` reads the stored bytes of weight ``of`` (see WeightStore.alias)."""
-        self.store.alias(name, of)
+        self.store.alias(name, of, shape)
         if name not in self._weights:
             self._weights.append(name)
         return name

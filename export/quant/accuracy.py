@@ -6,6 +6,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -50,3 +51,29 @@ def graph_perplexity(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], ids:
 def report(float_ppl: float, quant_ppl: float, **extra) -> dict:
     return {"float": round(float_ppl, 4), "quantized": round(quant_ppl, 4),
             "change_percent": round(100 * (quant_ppl / float_ppl - 1), 3), **extra}
+
+
+def texts_accuracy(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], model, chunk: int, tokens: int,
+                   window: int, progress: Progress, reference: dict[str, Any], label: str) -> dict[str, dict]:
+    """Perplexity of a loaded bundle ``model`` (as the runtime runs its plan) against the float
+    graph on every evaluation text (edge.runtime.perplexity.EVAL_TEXTS) that this machine has;
+    ``reference`` caches the float figures per text across calls."""
+    from edge.errors import PromptError
+    from edge.runtime.perplexity import EVAL_TEXTS, bundle_perplexity
+
+    window = min(window, model.max_context)  # as bundle_perplexity (and edge-eval) will
+    out: dict[str, dict] = {}
+    for name, (description, load) in EVAL_TEXTS.items():
+        try:
+            text = load()
+        except PromptError as e:
+            out[name] = {"text": description, "skipped": str(e)}
+            continue
+        got = bundle_perplexity(model, text, tokens=tokens, window=window,
+                                progress=lambda d, t: progress.bar(d, t, f"{label}, {name}"))
+        if name not in reference:
+            ids = model.tokenizer.encode(text)
+            reference[name] = graph_perplexity(cfg, weights, ids, chunk, tokens=tokens, window=window,
+                                               progress=progress, label=f"float reference, {name}").perplexity
+        out[name] = report(reference[name], got.perplexity, text=description, tokens=got.tokens, window=window)
+    return out

@@ -45,10 +45,10 @@ class ScopedStore:
             self._keys[name] = self.base.add(name if same else f"{self.scope}/{name}", array)
         return name
 
-    def alias(self, name: str, of: str) -> str:
+    def alias(self, name: str, of: str, shape: tuple[int, ...] | None = None) -> str:
         target = self._keys[of]
         if name not in self._keys:
-            self._keys[name] = self.base.alias(name if target == of else f"{self.scope}/{name}", target)
+            self._keys[name] = self.base.alias(name if target == of else f"{self.scope}/{name}", target, shape)
         return name
 
     def tensor_proto(self, name: str):

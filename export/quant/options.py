@@ -53,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--calib-chats", action="store_true",
                    help="run every other calibration window as a chat in the model's template (measured "
                         "worse on SmolLM2, see docs/quantization.md; off by default)")
+    q.add_argument("--cpu-weights", choices=("int8", "int4", "fp32"), default=None,
+                   help="the CPU plan's linears: MatMulNBits blocks of 32 with int8 compute (activations "
+                        "quantized per block at run time), int8 or int4 (a GGUF source's Q4_1 / Q8_0 blocks "
+                        "as stored), or fp32 (default: int8 unless --quant fp32)")
     q.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS,
                    help=f"held-out tokens for the accuracy report ({EVAL_TOKENS})")
     q.add_argument("--no-accuracy-report", action="store_true",
@@ -75,11 +79,12 @@ def from_args(args: argparse.Namespace) -> tuple[QuantOptions, CalibrationSpec, 
     """Raises ValueError (bad value) or EdgeError (unreadable calibration file). ``args.quant``
     must be resolved (resolve_scheme) first."""
     decode = args.decode_weights or weights_for(args.quant)
+    cpu = args.cpu_weights or weights_for(args.quant)
     act16 = () if args.act16.strip() in ("", "none") else tuple(k.strip() for k in args.act16.split(",") if k.strip())
     quant = QuantOptions(prefill=args.quant, decode=decode, outliers=args.outliers, outlier_layers=args.outlier_layers,
                          hot_budget=args.hot_budget, smooth=args.smooth, act16=act16, act16_budget=args.act16_budget,
                          float_groups=args.float_linears,
-                         block=args.block)
+                         block=args.block, cpu=cpu)
     if args.calib_tokens < 1 or args.calib_window < 2 or args.eval_tokens < 1:
         raise ValueError("--calib-tokens, --calib-window and --eval-tokens must be positive")
     text, label = None, CalibrationSpec.label

@@ -45,10 +45,13 @@ class QuantOptions:
     act16_budget: float = 0.25
     float_groups: int = 0  # keep the N groups with the largest estimated error in float
     block: int = 32  # int4 block size (decode)
+    cpu: str = "int8"  # the CPU plan's linears: MatMulNBits int8 / int4 blocks of 32, or fp32
 
     def __post_init__(self) -> None:
         if self.prefill not in PREFILL_SCHEMES:
             raise ValueError(f"--quant must be one of {', '.join(PREFILL_SCHEMES)}, got {self.prefill!r}")
+        if self.cpu not in ("int8", "int4", "fp32"):
+            raise ValueError(f"--cpu-weights must be int8, int4 or fp32, got {self.cpu!r}")
         if self.decode not in DECODE_SCHEMES:
             raise ValueError(f"--decode-weights must be one of {', '.join(DECODE_SCHEMES)}, got {self.decode!r}")
         if self.outliers not in ("auto", "off") and not (self.outliers.isdigit() and int(self.outliers) >= 0):

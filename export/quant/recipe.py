@@ -28,8 +28,9 @@ from edge.export.quant.decoder import TABLE, QuantDecoderGraph, build_int8_embed
 from edge.export.quant.linears import DECODE_EMITTERS, PlannedLinear, ScopedStore
 from edge.export.quant.plan import QuantOptions, QuantPlan, plan_quantization
 
-FLOAT = QuantOptions(prefill="fp32", decode="fp32")
+FLOAT = QuantOptions(prefill="fp32", decode="fp32", cpu="fp32")
 CALIB_TOKENS, CALIB_WINDOW = 32768, 512
+CPU_CHUNK = 256  # the CPU plan's most prompt tokens per call: bounds the activations (and GQA's score buffer)
 INT4_ACCURACY_LEVEL = 4  # see linears.int4_linear
 
 
@@ -150,6 +151,19 @@ def decode_graph(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store, m
     # int8 shares every tensor with prefill; otherwise norms differ from prefill's smoothed ones
     target = store if quant.decode == "int8" else ScopedStore(store, "decode")
     return QuantDecoderGraph(cfg, w, target, max_context, emit, LinearQuant("int8"))
+
+
+def cpu_record(linears: str, source_blocks: Mapping[str, Any]) -> dict[str, Any]:
+    """What the CPU plan's linears are, for the manifest."""
+    if linears == "fp32":
+        return {"linears": "fp32", "form": "MatMul, float32"}
+    kinds = sorted({f"{'Q4_1' if b.offset is not None else 'Q8_0'}" for b in source_blocks.values()})
+    return {"linears": linears, "head": "int8",
+            "form": f"MatMulNBits bits={linears[3:]} block 32, accuracy_level 4 (int8 compute, activations "
+                    "quantized per block of 32 at run time); the tied token table read by GatherBlockQuantized "
+                    "from the head's 8-bit blocks",
+            "source_blocks": f"the source's own {', '.join(kinds)} blocks where their width matches"
+                             if kinds else "none (float source: round to nearest, asymmetric blocks)"}
 
 
 def manifest_record(quant: QuantOptions, plan: QuantPlan | None) -> dict[str, Any]:

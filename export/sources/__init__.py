@@ -25,6 +25,9 @@ class SourceModel:
     special_tokens: dict[str, Any] = field(default_factory=dict)  # bos_token_id, eos_token_ids
     # other JSON files of the folder a family may need, by file name (preprocessor_config.json, ...)
     extra_configs: dict[str, Any] = field(default_factory=dict)
+    # a GGUF source's block-quantized tensors as stored (HF names -> export.quant.blocks.Blocks),
+    # so the CPU plan's block weights can be the file's own instead of a second rounding
+    blocks: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def architecture(self) -> str:

@@ -120,10 +120,14 @@ def _config(meta: dict[str, Any], arch: str, path: Path, tied: bool, vocab: int)
     return cfg
 
 
-def _weights(reader, arch: str, cfg: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
+def _weights(reader, arch: str, cfg: dict[str, Any], path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(float32 weights, the block-quantized ones as stored) under HF names."""
     from gguf.quants import dequantize
 
+    from edge.export.quant.blocks import GGUF_FORMATS
+
     out: dict[str, np.ndarray] = {}
+    blocks: dict[str, Any] = {}
     for t in reader.tensors:
         name = _hf_name(t.name)
         if name is None:
@@ -139,11 +143,16 @@ def _weights(reader, arch: str, cfg: dict[str, Any], path: Path) -> dict[str, np
             raise ModelSourceError(f"{path}: tensor {t.name!r} is unreadable ({type(e).__name__}: {e})") from None
         if np.may_share_memory(w, t.data):  # F32 is a view into the memmap: detach from the file
             w = w.copy()
+        fmt = GGUF_FORMATS.get(getattr(t.tensor_type, "name", ""))
+        if fmt is not None and len(shape) == 2:
+            blocks[name] = fmt(np.asarray(t.data), shape[0])
         if arch == "llama" and t.name.split(".")[-2] in ("attn_q", "attn_k"):
             heads = cfg["num_attention_heads" if ".attn_q." in t.name else "num_key_value_heads"]
             w = unpermute_qk(w, heads)
+            if name in blocks:
+                blocks[name] = blocks[name].rows(unpermute_qk(np.arange(shape[0]), heads))
         out[name] = w
-    return out
+    return out, blocks
 
 
 def build_tokenizer(meta: dict[str, Any], path: Path):
@@ -225,7 +234,7 @@ def load_gguf(path: str | Path) -> SourceModel:
     tokens = meta.get("tokenizer.ggml.tokens") or []
     cfg = _config(meta, arch, path, tied="output.weight" not in names, vocab=len(tokens))
     tok = build_tokenizer(meta, path)
-    weights = _weights(reader, arch, cfg, path)
+    weights, blocks = _weights(reader, arch, cfg, path)
     identity = {"kind": "gguf", "name": meta.get("general.name") or path.stem,
                 "path": str(path.resolve()), "size": path.stat().st_size, "sha256": _sha256(path)}
     return SourceModel(
@@ -235,6 +244,7 @@ def load_gguf(path: str | Path) -> SourceModel:
         chat_template=meta.get("tokenizer.chat_template"),
         identity=identity,
         special_tokens=_special_tokens(meta),
+        blocks=blocks,
     )
 
 

@@ -28,6 +28,7 @@ PROMPTS = [
 ]
 NEW_TOKENS = 8
 CHUNK, CONTEXT = 16, 128
+PLANS = ("cpu", "fused")  # the CPU plan (fused kernels, KV in place) and the static chunk graphs
 
 
 def main(out: Path) -> dict:
@@ -51,14 +52,16 @@ def main(out: Path) -> dict:
         export_model(folder, bundle, ExportOptions(chunk_length=CHUNK, max_context=CONTEXT), Progress(enabled=False),
                      quant=quant, calibration=CalibrationSpec(tokens=2048, window=CONTEXT),
                      accuracy=AccuracySpec(enabled=False))
-        model = Model.load(bundle, threads=1)
-        cases = []
-        for p in PROMPTS:
-            ids = model.encode_prompt(p["text"], raw=p["raw"])
-            logits = model.prefill(model.embed(ids), model.new_cache())
-            greedy = list(model.generate_ids(ids, NEW_TOKENS, stop_ids=[]))
-            cases.append({**p, "ids": ids, "logits": np.round(logits.astype(np.float64), 6).tolist(), "greedy": greedy})
-        expected["bundles"][name] = cases
+        for plan in PLANS:
+            model = Model.load(bundle, threads=1, plan=plan)
+            cases = []
+            for p in PROMPTS:
+                ids = model.encode_prompt(p["text"], raw=p["raw"])
+                logits = model.prefill(model.embed(ids), model.new_cache())
+                greedy = list(model.generate_ids(ids, NEW_TOKENS, stop_ids=[]))
+                cases.append({**p, "ids": ids, "logits": np.round(logits.astype(np.float64), 6).tolist(),
+                              "greedy": greedy})
+            expected["bundles"][f"{name}@{plan}"] = cases
     (out / "expected.json").write_text(json.dumps(expected))
     return expected
 

@@ -1,0 +1,180 @@
+"""The CPU plan's decoder: ONE graph with a dynamic token count that serves prompt chunks and
+decode steps in a single onnxruntime session, built from onnxruntime's fused CPU kernels.
+
+- GroupQueryAttention (com.microsoft) with do_rotary and packed q|k|v: RoPE, the cache append and
+  causal attention in one node. The cache is [1, kv_heads, max_context, head_dim] per layer; the
+  runtime binds ONE buffer as both past_* input and present_* output, and the kernel then appends
+  in place (it compares the pointers; two buffers would cost a copy of the whole cache per call).
+  ``seqlens_k`` = tokens in the cache after this call - 1, ``total_sequence_length`` = that count.
+- SkipSimplifiedLayerNormalization: residual add + RMSNorm in one node (output 3 = the sum).
+- Linears: MatMulNBits (int8 / int4 blocks of 32, accuracy level 4 = int8 compute with per-block
+  activation scales computed on the fly: dynamic, so no calibration and nothing fitted to a text)
+  or float MatMul. A GGUF source's Q4_1 / Q8_0 blocks go in as stored (export/quant/blocks.py).
+- The output projection runs only on the ``logits_rows`` the runtime reads (one per prompt).
+Inputs: inputs_embeds [1, S, H] (the embed graph's lookup, or image-merged embeddings), logits_rows
+[R], seqlens_k [1] int32, total_sequence_length [] int32, past_key_i / past_value_i.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+from onnx import TensorProto
+
+from edge.config import DecoderConfig
+
+from edge.export.graph.builder import GraphBuilder, WeightStore
+from edge.export.graph.decoder import rope_tables
+from edge.export.quant.blocks import BLOCK, Blocks, quantize_blocks
+
+F32, I32, I64, U8 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8
+MS = "com.microsoft"
+ACCURACY_LEVEL = 4  # int8 compute: the fast MLAS kernels (VNNI on x86, SDOT/I8MM on ARM)
+PREFIX = "cpu."     # the plan's own tensors: other plans may store smoothed copies under HF names
+
+# y = x @ W^T for x [1, S, in]: emitter(g, x, name, W float [out, in], the source's blocks or None)
+CpuLinear = Callable[[GraphBuilder, str, str, np.ndarray, "Blocks | None"], str]
+
+
+def float_matmul(g: GraphBuilder, x: str, name: str, w: np.ndarray, blocks: Blocks | None) -> str:
+    return g.op("MatMul", [x, g.weight(PREFIX + name + ".wT", np.ascontiguousarray(w.T))], name=name)
+
+
+def _matmulnbits(g: GraphBuilder, x: str, name: str, b: Blocks) -> str:
+    n, k = b.shape
+    y = g.op("MatMulNBits", [x, g.weight(f"{PREFIX}{name}.q{b.bits}", b.matmulnbits_b()),
+                             g.weight(f"{PREFIX}{name}.scale", np.ascontiguousarray(b.scale.reshape(-1))),
+                             g.weight(f"{PREFIX}{name}.zero", b.matmulnbits_zero_points())],
+             name=name, domain=MS, K=k, N=n, bits=b.bits, block_size=b.q.shape[2], accuracy_level=ACCURACY_LEVEL)
+    if b.offset is None:
+        return y
+    # Q4_1's residual offset r per (row, block): sum_k r[n, blk(k)] x[k] = blocksum(x) @ r^T
+    nb = b.q.shape[1]
+    sums = g.op("ReduceSum", [g.op("Reshape", [x, g.const(f"shape_blocks_{nb}", np.array([0, 0, nb, BLOCK], np.int64))],
+                                   name=name + "/blocks"), g.const("axis_last", np.array([-1], np.int64))],
+                name=name + "/block_sums", keepdims=0)
+    corr = g.op("MatMul", [sums, g.weight(f"{PREFIX}{name}.offsetT", np.ascontiguousarray(b.offset.T))],
+                name=name + "/offset")
+    return g.op("Add", [y, corr], name=name + "/add_offset")
+
+
+def nbits_linear(bits: int) -> CpuLinear:
+    """MatMulNBits at ``bits``: the source's own blocks where they have that width (GGUF Q4_1 for
+    4 bits, Q8_0 for 8), else the float weight rounded to asymmetric blocks of 32."""
+    def emit(g: GraphBuilder, x: str, name: str, w: np.ndarray, blocks: Blocks | None) -> str:
+        return _matmulnbits(g, x, name, blocks if blocks is not None and blocks.bits == bits
+                            else quantize_blocks(w, bits))
+    return emit
+
+
+CPU_LINEARS: dict[str, CpuLinear] = {"fp32": float_matmul, "int8": nbits_linear(8), "int4": nbits_linear(4)}
+HEAD_FOR = {"fp32": "fp32", "int8": "int8", "int4": "int8"}  # the tied table/head stays 8-bit
+
+
+class CpuDecoderGraph:
+    """``linears``: a CPU_LINEARS key for the decoder's linears; the output projection (and the
+    token table, which the tied head shares) gets HEAD_FOR[linears]."""
+
+    def __init__(self, cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store: WeightStore, max_context: int,
+                 linears: str = "int8", blocks: Mapping[str, Blocks] | None = None):
+        if linears not in CPU_LINEARS:
+            raise ValueError(f"CPU linears {linears!r}: expected one of {', '.join(CPU_LINEARS)}")
+        self.cfg, self.w, self.store, self.max_context = cfg, weights, store, max_context
+        self.linears, self.head = linears, HEAD_FOR[linears]
+        self.blocks = blocks or {}
+
+    def linear(self, g: GraphBuilder, x: str, name: str, parts: list[str], kind: str | None = None) -> str:
+        """One linear over the stacked rows of ``parts`` (HF names without .weight)."""
+        w = np.concatenate([self.w[p + ".weight"] for p in parts]) if len(parts) > 1 else self.w[parts[0] + ".weight"]
+        have = [self.blocks.get(p + ".weight") for p in parts]
+        blocks = Blocks.concat(have) if all(b is not None for b in have) and \
+            len({(b.bits, b.offset is None) for b in have}) == 1 else None
+        y = CPU_LINEARS[kind or self.linears](g, x, name, w, blocks)
+        biases = [self.w.get(p + ".bias") for p in parts]
+        if any(b is not None for b in biases):
+            bias = np.concatenate([b if b is not None else np.zeros(len(self.w[p + ".weight"]), np.float32)
+                                   for b, p in zip(biases, parts)])
+            y = g.op("Add", [y, g.weight(PREFIX + name + ".bias", bias)], name=name + "/bias")
+        return y
+
+    def norm_weight(self, g: GraphBuilder, name: str) -> str:
+        return g.weight(PREFIX + name, self.w[name])
+
+    def build(self):
+        cfg, L = self.cfg, self.max_context
+        g = GraphBuilder("cpu", self.store)
+        kv = [1, cfg.num_kv_heads, L, cfg.head_dim]
+        h = g.input("inputs_embeds", F32, [1, "tokens", cfg.hidden_size])
+        rows = g.input("logits_rows", I64, ["rows"])
+        seqlens = g.input("seqlens_k", I32, [1])
+        total = g.input("total_sequence_length", I32, [])
+        cos_t, sin_t = rope_tables(cfg, L)
+        cos, sin = g.weight(PREFIX + "rope.cos", cos_t), g.weight(PREFIX + "rope.sin", sin_t)
+        eps = cfg.rms_norm_eps
+        x = g.op("SimplifiedLayerNormalization", [h, self.norm_weight(g, "model.layers.0.input_layernorm.weight")],
+                 name="model.layers.0.input_layernorm", axis=-1, epsilon=eps)
+        residual = h
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}"
+            for t in ("key", "value"):
+                g.input(f"past_{t}_{i}", F32, kv)
+            qkv = self.linear(g, x, f"{p}.self_attn.qkv_proj", [f"{p}.self_attn.{t}_proj" for t in "qkv"])
+            attn = g.op("GroupQueryAttention", [qkv, "", "", f"past_key_{i}", f"past_value_{i}", seqlens, total, cos, sin],
+                        name=f"{p}.self_attn", n_out=3, domain=MS, num_heads=cfg.num_heads,
+                        kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0)
+            g.output(attn[1], f"present_key_{i}", F32, kv)
+            g.output(attn[2], f"present_value_{i}", F32, kv)
+            o = self.linear(g, attn[0], f"{p}.self_attn.o_proj", [f"{p}.self_attn.o_proj"])
+            x, _, _, residual = g.op("SkipSimplifiedLayerNormalization",
+                                     [o, residual, self.norm_weight(g, f"{p}.post_attention_layernorm.weight")],
+                                     name=f"{p}.post_attention_layernorm", n_out=4, domain=MS, epsilon=eps)
+            gu = self.linear(g, x, f"{p}.mlp.gate_up_proj", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])
+            gate, up = g.op("Split", [gu, g.const("split_ffn", np.array([cfg.intermediate_size] * 2, np.int64))],
+                            name=f"{p}.mlp/split", n_out=2, axis=-1)
+            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{p}.mlp/sigmoid")], name=f"{p}.mlp/silu"),
+                               up], name=f"{p}.mlp/gated")
+            down = self.linear(g, act, f"{p}.mlp.down_proj", [f"{p}.mlp.down_proj"])
+            nxt = "model.norm.weight" if i == cfg.num_layers - 1 else f"model.layers.{i + 1}.input_layernorm.weight"
+            x, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [down, residual, self.norm_weight(g, nxt)],
+                                     name=f"{p}/next_norm", n_out=4, domain=MS, epsilon=eps)
+        # the norm is per row: gathering the rows read after it equals gathering before it
+        picked = g.op("Gather", [x, rows], name="select_logit_rows", axis=1)
+        head = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
+        logits = self.linear(g, picked, "lm_head", [head], kind=self.head)
+        g.output(logits, "logits", F32, [1, "rows", cfg.vocab_size])
+        g.outputs.insert(0, g.outputs.pop())  # logits first
+        return g.build()
+
+    def build_embed(self):
+        """Token ids [1, n] -> embeddings [1, n, H]. Quantized plans read the output projection's
+        8-bit blocks (the same stored bytes when the head is tied) with GatherBlockQuantized."""
+        cfg = self.cfg
+        g = GraphBuilder("cpu_embed", self.store)
+        ids = g.input("input_ids", I64, [1, "tokens"])
+        table = self.w["model.embed_tokens.weight"]
+        tied, V, H = cfg.tie_word_embeddings, cfg.vocab_size, cfg.hidden_size
+        if self.head == "fp32":
+            if tied:  # the head's W^T [H, vocab]: gather columns, then rows
+                cols = g.op("Gather", [g.weight_alias(PREFIX + "embed_tokens.T", PREFIX + "lm_head.wT"), ids],
+                            name="embed_tokens/columns", axis=1)
+                y = g.op("Transpose", [cols], name="embed_tokens", perm=[1, 2, 0])
+            else:
+                y = g.op("Gather", [g.weight(PREFIX + "embed_tokens", table), ids], name="embed_tokens", axis=0)
+        else:
+            src = self.blocks.get("model.embed_tokens.weight")
+            b = src if src is not None and src.bits == 8 else quantize_blocks(table, 8)
+            nb = b.q.shape[1]
+            # GatherBlockQuantized reads [vocab, H] data with [vocab, H / 32] scales and zero points:
+            # the head's MatMulNBits bytes viewed in that shape when tied (stored once)
+            if tied:
+                data = g.weight_alias(PREFIX + "embed_tokens.q8", PREFIX + "lm_head.q8", (V, H))
+                scale = g.weight_alias(PREFIX + "embed_tokens.scale", PREFIX + "lm_head.scale", (V, nb))
+                zero = g.weight_alias(PREFIX + "embed_tokens.zero", PREFIX + "lm_head.zero", (V, nb))
+            else:
+                data = g.weight(PREFIX + "embed_tokens.q8", b.matmulnbits_b().reshape(V, H))
+                scale, zero = g.weight(PREFIX + "embed_tokens.scale", b.scale), g.weight(PREFIX + "embed_tokens.zero", b.zero)
+            y = g.op("GatherBlockQuantized", [data, ids, scale, zero], name="embed_tokens", domain=MS,
+                     gather_axis=0, quantize_axis=1, block_size=b.q.shape[2], bits=8)
+        g.output(y, "inputs_embeds", F32, [1, "tokens", cfg.hidden_size])
+        return g.build()

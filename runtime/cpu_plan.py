@@ -1,0 +1,99 @@
+"""The CPU plan at run time: one session of the bundle's ``cpu`` graph for prompt chunks and
+decode steps, its KV cache bound in place.
+
+The cache is one [1, kv_heads, max_context, head_dim] buffer per layer and kind, allocated once per
+generation (np.zeros: pages are only made resident as rows are written, so memory follows the
+context actually used). Each buffer is wrapped as an OrtValue without a copy and bound as BOTH the
+past_* input and the present_* output: GroupQueryAttention then appends the new rows in place.
+Per call only the small inputs are rebound (embeddings, logits rows, the two lengths).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from edge.config import DecoderConfig
+from edge.errors import PromptError
+
+
+class CpuCache:
+    """keys/values [layers, kv_heads, max_context, head_dim]; rows [0, length) valid. Setting
+    ``length`` lower rolls the cache back (rows beyond it are overwritten by the next call)."""
+
+    def __init__(self, cfg: DecoderConfig, max_context: int):
+        shape = (cfg.num_layers, 1, cfg.num_kv_heads, max_context, cfg.head_dim)
+        self.keys = np.zeros(shape, np.float32)
+        self.values = np.zeros(shape, np.float32)
+        self.length = 0
+        self._bound: dict[str, ort.OrtValue] = {}  # key_i / value_i -> the OrtValue wrapping that buffer
+        self._io: tuple[ort.InferenceSession, ort.IOBinding] | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def binding(self, session: ort.InferenceSession) -> ort.IOBinding:
+        """This cache's IOBinding for ``session``, made once: every layer's buffer wrapped without a
+        copy and bound as past_* input and present_* output alike."""
+        if self._io is None or self._io[0] is not session:
+            io = session.io_binding()
+            io.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+            for i in range(self.keys.shape[0]):
+                for kind, buf in (("key", self.keys[i]), ("value", self.values[i])):
+                    v = ort.OrtValue.ortvalue_from_numpy(buf)
+                    self._bound[f"{kind}_{i}"] = v
+                    io.bind_ortvalue_input(f"past_{kind}_{i}", v)
+                    io.bind_ortvalue_output(f"present_{kind}_{i}", v)
+            self._io = (session, io)
+        return self._io[1]
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def rows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` positions' keys and values [layers, n, kv_heads, head_dim] (a copy)."""
+        return (self.keys[:, 0, :, :n].transpose(0, 2, 1, 3).copy(),
+                self.values[:, 0, :, :n].transpose(0, 2, 1, 3).copy())
+
+
+class CpuPlan:
+    """Runs the ``cpu`` graph. ``chunk``: most tokens one call takes (bounds activation memory;
+    a prompt longer than that runs in several calls)."""
+
+    def __init__(self, session: ort.InferenceSession, cfg: DecoderConfig, max_context: int, chunk: int):
+        self.session, self.cfg, self.max_context, self.chunk = session, cfg, max_context, chunk
+
+    def new_cache(self) -> CpuCache:
+        return CpuCache(self.cfg, self.max_context)
+
+    def run(self, embeds: np.ndarray, cache: CpuCache, rows: np.ndarray) -> np.ndarray:
+        """embeds [1, S, H] at position cache.length -> logits [R, V] of ``rows`` (of the S)."""
+        s = embeds.shape[1]
+        total = cache.length + s
+        if total > cache.capacity:
+            raise PromptError(f"{total} tokens do not fit in the context of {cache.capacity}")
+        io = cache.binding(self.session)
+        io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, np.float32))
+        io.bind_cpu_input("logits_rows", np.asarray(rows, np.int64))
+        io.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        io.bind_output("logits")  # [1, R, V]: R changes, so onnxruntime allocates it per call
+        self.session.run_with_iobinding(io)
+        cache.length = total
+        return io.get_outputs()[0].numpy()[0]
+
+    def prefill(self, embeds: np.ndarray, cache: CpuCache, all_logits: bool = False) -> np.ndarray:
+        """Logits [n, V] (all_logits) or [V] of the last token, in calls of at most ``chunk`` tokens."""
+        n, out = embeds.shape[1], []
+        for off in range(0, n, self.chunk):
+            part = embeds[:, off:off + self.chunk]
+            k = part.shape[1]
+            rows = np.arange(k) if all_logits else np.array([k - 1], np.int64)  # (one row: cheap)
+            logits = self.run(part, cache, rows)
+            if all_logits or off + k == n:
+                out.append(logits)
+        return np.concatenate(out, 0) if all_logits else out[-1][-1]
+
+    def decode_step(self, embeds: np.ndarray, cache: CpuCache) -> np.ndarray:
+        return self.run(embeds, cache, np.array([0], np.int64))[0]
