@@ -1,10 +1,11 @@
-"""Where one prefill chunk's time goes, per operator type, for one or more bundles side by side.
+"""Where one prefill chunk's (or decode step's) time goes, per operator type, bundles side by side.
 
-    python -m edge.bench.op_profile BUNDLE [BUNDLE ...] [--past 256] [--repeat 8] [--threads 2] [--top 16]
+    python -m edge.bench.op_profile BUNDLE [BUNDLE ...] [--plan fused|cpu] [--step chunk|decode]
+        [--past 256] [--repeat 8] [--threads 2] [--top 16]
 
-Each bundle's fused prefill graph runs one chunk of the default text at position --past, after the
-tokens before it were prefilled for real (so the KV cache holds real keys and values), under
-onnxruntime's profiler. Kernel time is summed per operator type and divided by the runs: what an
+Each bundle's graph (fused: the prefill chunk graph; cpu: the CPU plan's one graph) runs one chunk of
+the default text (or one decode step) at position --past, after the tokens before it were
+prefilled for real (so the KV cache holds real keys and values), under onnxruntime's profiler. Kernel time is summed per operator type and divided by the runs: what an
 int8 linear buys is bounded by the share of the float graph that is linear (Amdahl), and this is
 the table that shows it.
 """
@@ -67,6 +68,36 @@ def profile_chunk(bundle: Path, past: int, repeat: int, threads: int) -> OpProfi
                      {op: round(n / repeat) for op, n in count.items()})
 
 
+def profile_cpu(bundle: Path, past: int, repeat: int, threads: int, step: str, chunk: int = 128) -> OpProfile:
+    """The CPU plan's graph: ``step`` "chunk" (``chunk`` tokens) or "decode" (one token) at ``past``,
+    the cache rolled back to ``past`` before each run (so every run does the same work)."""
+    from edge.runtime.cpu_plan import CpuPlan
+
+    model = Model.load(bundle, threads=threads, plan="cpu")
+    n = chunk if step == "chunk" else 1
+    if past + n > model.max_context:
+        raise SystemExit(f"--past {past} + {n} tokens exceeds the bundle's context {model.max_context}")
+    ids = model.tokenizer.encode(default_text())[: past + n]
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(threads)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "cpu")
+        graph = model.bundle.file(model.bundle.manifest.graphs[model.bundle.manifest.plans.cpu.graph].file)
+        plan = CpuPlan(ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"]), model.config,
+                       model.max_context, model.cpu.chunk, model.bundle.manifest.plans.cpu.kv)
+        cache = plan.new_cache()
+        calls = -(-past // plan.chunk) if past else 0
+        if past:
+            plan.prefill(model.embed(ids[:past]), cache)
+        x = model.embed(ids[past:])
+        for _ in range(repeat + 1):
+            cache.length = past
+            plan.run(x, cache, np.array([n - 1], np.int64))
+        total, count = kernel_times(plan.session.end_profiling(), skip_runs=calls + 1)
+    return OpProfile(str(bundle), {op: us / repeat / 1e3 for op, us in total.items()},
+                     {op: round(k / repeat) for op, k in count.items()})
+
+
 def kernel_times(profile_file: str, skip_runs: int) -> tuple[Counter, Counter]:
     """Kernel microseconds and node counts per operator type, after the first ``skip_runs`` runs."""
     with open(profile_file) as f:
@@ -89,7 +120,7 @@ def table(profiles: list[OpProfile], top: int) -> str:
     rows = [op for op, _ in ops.most_common(top)]
     names = [Path(p.bundle).name for p in profiles]
     width = max(12, *(len(n) for n in names))
-    lines = [f"{'op (ms per chunk, share)':28s}" + "".join(f"{n:>{width + 8}s}" for n in names)]
+    lines = [f"{'op (ms per run, share)':28s}" + "".join(f"{n:>{width + 8}s}" for n in names)]
     for op in rows:
         cells = "".join(f"{p.ms_per_op.get(op, 0.0):>{width}.2f} ({100 * p.ms_per_op.get(op, 0.0) / p.total_ms:4.1f}%)"
                         for p in profiles)
@@ -101,6 +132,9 @@ def table(profiles: list[OpProfile], top: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("bundles", type=Path, nargs="+")
+    p.add_argument("--plan", choices=("fused", "cpu"), default="fused", help="the graph profiled (default fused)")
+    p.add_argument("--step", choices=("chunk", "decode"), default="chunk",
+                   help="cpu plan: a 128-token chunk or one decode step (default chunk)")
     p.add_argument("--past", type=int, default=256, help="cached positions before the chunk (default 256)")
     p.add_argument("--repeat", type=int, default=8, help="profiled runs after a warm-up (default 8)")
     p.add_argument("--threads", type=int, default=2)
@@ -109,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeat < 1 or args.past < 0:
         p.error(f"--repeat must be >= 1 and --past >= 0 (got {args.repeat}, {args.past})")
-    profiles = [profile_chunk(b, args.past, args.repeat, args.threads) for b in args.bundles]
+    if args.plan == "cpu":
+        profiles = [profile_cpu(b, args.past, args.repeat, args.threads, args.step) for b in args.bundles]
+    else:
+        profiles = [profile_chunk(b, args.past, args.repeat, args.threads) for b in args.bundles]
     if args.json:
         print(json.dumps([{"bundle": q.bundle, "total_ms": q.total_ms, "ms_per_op": q.ms_per_op,
                            "nodes_per_op": q.nodes_per_op} for q in profiles]))

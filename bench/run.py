@@ -104,7 +104,7 @@ def edge_systems(bundle: str, opts: BenchOptions) -> tuple[list[System], Any]:
                    {"bundle": str(b.path), "plan": plan, "accelerator": opts.accelerator,
                     "max_context": m.max_context, "quantization": m.quantization},
                    size, f"bundle folder {b.path}")
-        if plan not in ("fused", "split"):
+        if plan not in ("cpu", "fused", "split"):
             s.skip = f"plan {plan!r} is recorded in the bundle but this runtime cannot run it"
         systems.append(s)
     return systems, m
@@ -269,12 +269,11 @@ def measure_edge(spec: dict) -> dict:
 
     threads = int(spec["threads"])
     t0 = time.perf_counter()
-    kwargs: dict[str, Any] = {}
-    if spec["plan"] != "fused":
+    kwargs: dict[str, Any] = {"plan": spec["plan"]}
+    if spec["plan"] == "split":
         # split: two lanes sharing the same cores, so each gets half (at least one thread)
-        kwargs = {"plan": spec["plan"], "accelerator": spec.get("accelerator", "auto"),
-                  "lane_threads": max(1, threads // 2)}
-    if kwargs and "plan" not in inspect.signature(Model.__init__).parameters:
+        kwargs.update(accelerator=spec.get("accelerator", "auto"), lane_threads=max(1, threads // 2))
+    if "plan" not in inspect.signature(Model.__init__).parameters:
         raise Skip(f"this runtime's Model cannot select plan {spec['plan']!r}")
     model = Model.load(spec["bundle"], threads=threads, verify_hashes=False, **kwargs)
     load_s = time.perf_counter() - t0
@@ -292,7 +291,7 @@ def measure_edge(spec: dict) -> dict:
 
     out = time_generation(prefill, decode, reset, spec["prompt_ids"], spec["new_tokens"], spec["repeat"],
                           spec["warmup"])
-    split = getattr(model, "split", None)
+    split = getattr(model, "split_prefill", None)
     trace = getattr(split, "last_trace", None)
     if trace is not None and spec.get("trace"):
         trace.save(spec["trace"])

@@ -58,6 +58,7 @@ class ExportOptions:
     # prefill plans to emit (edge.plans): cpu (boards without an accelerator), fused, split (needs fused)
     plans: tuple[str, ...] = ("cpu", "fused", "split")
     vision_weights: str = "fp32"  # multimodal bundles: the vision graph's linears, fp32 or int8 (edge.vision)
+    kv_cache: str = "fp32"  # the CPU plan's KV cache element type: fp32 or fp16 (half the memory)
 
     def __post_init__(self) -> None:
         from edge.vision import VISION_WEIGHTS
@@ -68,6 +69,8 @@ class ExportOptions:
         if unknown or not self.plans or ("split" in self.plans and "fused" not in self.plans):
             raise ValueError(f"plans: a comma-separated choice of cpu, fused, split (split needs fused), "
                              f"got {','.join(self.plans) or 'none'}")
+        if self.kv_cache not in ("fp32", "fp16"):
+            raise ValueError(f"KV cache must be fp32 or fp16, got {self.kv_cache!r}")
         if self.chunk_length < 1:
             raise ValueError(f"chunk length must be >= 1, got {self.chunk_length}")
         if self.max_context < self.chunk_length:

@@ -71,11 +71,12 @@ class CpuPlan:
     embed: str = "cpu_embed"    # token ids -> embeddings, from the same table the head reads
     linears: str = "int8"       # MatMulNBits int8 / int4 blocks, or fp32
     block: int = 32
-    chunk: int = 512            # most prompt tokens one call takes (bounds activation memory)
+    chunk: int = 128            # most prompt tokens one call takes (bounds activation memory)
+    kv: str = "fp32"            # KV cache element type: fp32 or fp16
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "cpu", "graph": self.graph, "embed": self.embed, "linears": self.linears,
-                "block": self.block, "chunk": self.chunk}
+                "block": self.block, "chunk": self.chunk, "kv": self.kv}
 
 
 @dataclass(frozen=True)
@@ -171,10 +172,11 @@ def _cpu(d: Any, where: str, graphs: dict) -> CpuPlan:
     if not isinstance(d, dict):
         raise BundleError(f"{where}: expected an object")
     try:
-        plan = CpuPlan(graph=d["graph"], embed=d["embed"], linears=d["linears"], block=d["block"], chunk=d["chunk"])
+        plan = CpuPlan(graph=d["graph"], embed=d["embed"], linears=d["linears"], block=d["block"], chunk=d["chunk"],
+                       kv=d.get("kv", "fp32"))
     except KeyError as e:
         raise BundleError(f"{where}: missing field {e}") from None
-    for key in ("graph", "embed", "linears"):
+    for key in ("graph", "embed", "linears", "kv"):
         if not isinstance(getattr(plan, key), str):
             raise BundleError(f"{where}.{key}: expected a string, got {getattr(plan, key)!r}")
     for key in ("graph", "embed"):
@@ -182,6 +184,8 @@ def _cpu(d: Any, where: str, graphs: dict) -> CpuPlan:
             raise BundleError(f"{where}.{key}: {getattr(plan, key)!r} is not a graph of this bundle")
     if plan.linears not in CPU_LINEARS:
         raise BundleError(f"{where}.linears: expected one of {CPU_LINEARS}, got {plan.linears!r}")
+    if plan.kv not in ("fp32", "fp16"):
+        raise BundleError(f"{where}.kv: expected fp32 or fp16, got {plan.kv!r}")
     for key in ("block", "chunk"):
         v = getattr(plan, key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for boards without an accelerator; --plans cpu alone makes the smallest bundle), fused "
                         "(static-shape chunk graphs, W8A8) and split (fused's per-layer subgraphs for a CPU + "
                         "accelerator pair; needs fused). The runtime picks cpu without an accelerator")
+    p.add_argument("--kv-cache", choices=("fp32", "fp16"), default="fp32",
+                   help="the CPU plan's KV cache: fp32, or fp16 (half the memory; accuracy in docs/quantization.md)")
     p.add_argument("--vision-weights", choices=VISION_WEIGHTS, default=None,
                    help="vision-language models: the vision graph's linears, int8 (weights per output channel, run "
                         "by onnxruntime as 8-bit MatMulNBits; default when --quant is w8a8*) or fp32 (default "
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = ExportOptions(chunk_length=args.chunk, max_context=args.context,
                                 plans=tuple(p.strip() for p in args.plans.split(",") if p.strip()),
-                                vision_weights=args.vision_weights or quant_options.weights_for(args.quant))
+                                vision_weights=args.vision_weights or quant_options.weights_for(args.quant),
+                                kv_cache=args.kv_cache)
         quant, calib, accuracy = quant_options.from_args(args)
     except (ValueError, EdgeError) as e:
         print(f"edge-export: error: {e}", file=sys.stderr)

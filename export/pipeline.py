@@ -118,10 +118,11 @@ def build_graphs(m: Loaded, options: ExportOptions, quant: QuantOptions, q: Quan
         record: dict[str, Any] = {}
         cpu_plan = None
         if "cpu" in options.plans:  # one fused-kernel graph for prompt and decode, from the float/GGUF weights
-            cpu = CpuDecoderGraph(m.cfg, m.weights, store, options.max_context, quant.cpu, m.source.blocks)
+            cpu = CpuDecoderGraph(m.cfg, m.weights, store, options.max_context, quant.cpu, m.source.blocks,
+                                  options.kv_cache)
             graphs["cpu"] = (cpu.build(), "cpu.onnx", "cpu")
             graphs["cpu_embed"] = (cpu.build_embed(), "cpu_embed.onnx", "embed")
-            cpu_plan = CpuPlan(linears=quant.cpu, chunk=min(CPU_CHUNK, options.max_context))
+            cpu_plan = CpuPlan(linears=quant.cpu, chunk=min(CPU_CHUNK, options.max_context), kv=options.kv_cache)
             record["cpu"] = cpu_record(quant.cpu, m.source.blocks)
         split_plan = None
         if "fused" in options.plans:

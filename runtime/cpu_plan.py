@@ -21,10 +21,10 @@ class CpuCache:
     """keys/values [layers, kv_heads, max_context, head_dim]; rows [0, length) valid. Setting
     ``length`` lower rolls the cache back (rows beyond it are overwritten by the next call)."""
 
-    def __init__(self, cfg: DecoderConfig, max_context: int):
+    def __init__(self, cfg: DecoderConfig, max_context: int, dtype=np.float32):
         shape = (cfg.num_layers, 1, cfg.num_kv_heads, max_context, cfg.head_dim)
-        self.keys = np.zeros(shape, np.float32)
-        self.values = np.zeros(shape, np.float32)
+        self.keys = np.zeros(shape, dtype)
+        self.values = np.zeros(shape, dtype)
         self.length = 0
         self._bound: dict[str, ort.OrtValue] = {}  # key_i / value_i -> the OrtValue wrapping that buffer
         self._io: tuple[ort.InferenceSession, ort.IOBinding] | None = None
@@ -53,19 +53,21 @@ class CpuCache:
 
     def rows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The first ``n`` positions' keys and values [layers, n, kv_heads, head_dim] (a copy)."""
-        return (self.keys[:, 0, :, :n].transpose(0, 2, 1, 3).copy(),
-                self.values[:, 0, :, :n].transpose(0, 2, 1, 3).copy())
+        return (self.keys[:, 0, :, :n].transpose(0, 2, 1, 3).astype(np.float32),
+                self.values[:, 0, :, :n].transpose(0, 2, 1, 3).astype(np.float32))
 
 
 class CpuPlan:
     """Runs the ``cpu`` graph. ``chunk``: most tokens one call takes (bounds activation memory;
     a prompt longer than that runs in several calls)."""
 
-    def __init__(self, session: ort.InferenceSession, cfg: DecoderConfig, max_context: int, chunk: int):
+    def __init__(self, session: ort.InferenceSession, cfg: DecoderConfig, max_context: int, chunk: int,
+                 kv: str = "fp32"):
         self.session, self.cfg, self.max_context, self.chunk = session, cfg, max_context, chunk
+        self.kv_dtype = {"fp32": np.float32, "fp16": np.float16}[kv]
 
     def new_cache(self) -> CpuCache:
-        return CpuCache(self.cfg, self.max_context)
+        return CpuCache(self.cfg, self.max_context, self.kv_dtype)
 
     def run(self, embeds: np.ndarray, cache: CpuCache, rows: np.ndarray) -> np.ndarray:
         """embeds [1, S, H] at position cache.length -> logits [R, V] of ``rows`` (of the S)."""

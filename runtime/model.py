@@ -53,7 +53,7 @@ class Model:
             role_so = self.shared_weights.session_options(path, so) if self.shared_weights else so
             self.sessions[role] = open_session(path, role_so, spec=spec)
         self.chunks = ChunkRunner(self.sessions["prefill"], self.chunk_length) if self.plan == "fused" else None
-        self.cpu = CpuPlan(self.sessions["cpu"], self.config, self.max_context, m.plans.cpu.chunk) \
+        self.cpu = CpuPlan(self.sessions["cpu"], self.config, self.max_context, m.plans.cpu.chunk, m.plans.cpu.kv) \
             if self.plan == "cpu" else None
         self.vision = None  # multimodal bundles: the vision encoder (runtime/vision.py)
         if m.vision is not None:

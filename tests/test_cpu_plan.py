@@ -226,3 +226,21 @@ def test_export_plans_option_is_checked():
         ExportOptions(plans=("npu",))
     with pytest.raises(ValueError, match="cpu-weights"):
         QuantOptions(cpu="int3")
+
+
+def test_fp16_kv_cache(zoo, tmp_path):
+    """--kv-cache fp16: half the cache memory, the graph casts around GroupQueryAttention; logits
+    stay close to the fp32 cache's (float16 keeps ~3 decimal digits)."""
+    out = tmp_path / "kv16"
+    export_model(zoo.folder("llama"), out, ExportOptions(chunk_length=16, max_context=128, plans=("cpu",),
+                                                         kv_cache="fp16"), QUIET)
+    half, full = Model.load(out), zoo.model("llama", 16, plan="cpu")
+    cache = half.new_cache()
+    assert cache.keys.dtype == np.float16 and cache.keys.nbytes * 2 == full.new_cache().keys.nbytes * 128 // 256
+    ids = ids_of(30, seed=4)
+    a = half.prefill(half.embed(ids), cache, all_logits=True)
+    b = full.prefill(full.embed(ids), full.new_cache(), all_logits=True)
+    assert np.abs(a - b).max() < 2e-2 * np.abs(b).max() and (a.argmax(-1) == b.argmax(-1)).mean() > 0.95
+    assert np.abs(a - b).max() > 0  # really a different cache type
+    tokens = list(half.generate_ids(ids, 5, stop_ids=[]))
+    assert tokens[0] == int(a[-1].argmax())

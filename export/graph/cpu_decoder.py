@@ -28,7 +28,8 @@ from edge.export.graph.builder import GraphBuilder, WeightStore
 from edge.export.graph.decoder import rope_tables
 from edge.export.quant.blocks import BLOCK, Blocks, quantize_blocks
 
-F32, I32, I64, U8 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8
+F32, F16, I32, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT32, TensorProto.INT64
+KV_DTYPES = {"fp32": F32, "fp16": F16}
 MS = "com.microsoft"
 ACCURACY_LEVEL = 4  # int8 compute: the fast MLAS kernels (VNNI on x86, SDOT/I8MM on ARM)
 PREFIX = "cpu."     # the plan's own tensors: other plans may store smoothed copies under HF names
@@ -77,9 +78,12 @@ class CpuDecoderGraph:
     token table, which the tied head shares) gets HEAD_FOR[linears]."""
 
     def __init__(self, cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store: WeightStore, max_context: int,
-                 linears: str = "int8", blocks: Mapping[str, Blocks] | None = None):
+                 linears: str = "int8", blocks: Mapping[str, Blocks] | None = None, kv: str = "fp32"):
         if linears not in CPU_LINEARS:
             raise ValueError(f"CPU linears {linears!r}: expected one of {', '.join(CPU_LINEARS)}")
+        if kv not in KV_DTYPES:
+            raise ValueError(f"KV cache {kv!r}: expected one of {', '.join(KV_DTYPES)}")
+        self.kv = kv
         self.cfg, self.w, self.store, self.max_context = cfg, weights, store, max_context
         self.linears, self.head = linears, HEAD_FOR[linears]
         self.blocks = blocks or {}
@@ -104,12 +108,15 @@ class CpuDecoderGraph:
     def build(self):
         cfg, L = self.cfg, self.max_context
         g = GraphBuilder("cpu", self.store)
-        kv = [1, cfg.num_kv_heads, L, cfg.head_dim]
+        kv, kv_t = [1, cfg.num_kv_heads, L, cfg.head_dim], KV_DTYPES[self.kv]
+        half = kv_t == F16  # the CPU kernel takes query, cache and cos/sin in one type: cast around it
         h = g.input("inputs_embeds", F32, [1, "tokens", cfg.hidden_size])
         rows = g.input("logits_rows", I64, ["rows"])
         seqlens = g.input("seqlens_k", I32, [1])
         total = g.input("total_sequence_length", I32, [])
         cos_t, sin_t = rope_tables(cfg, L)
+        if half:
+            cos_t, sin_t = cos_t.astype(np.float16), sin_t.astype(np.float16)
         cos, sin = g.weight(PREFIX + "rope.cos", cos_t), g.weight(PREFIX + "rope.sin", sin_t)
         eps = cfg.rms_norm_eps
         x = g.op("SimplifiedLayerNormalization", [h, self.norm_weight(g, "model.layers.0.input_layernorm.weight")],
@@ -118,14 +125,17 @@ class CpuDecoderGraph:
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}"
             for t in ("key", "value"):
-                g.input(f"past_{t}_{i}", F32, kv)
+                g.input(f"past_{t}_{i}", kv_t, kv)
             qkv = self.linear(g, x, f"{p}.self_attn.qkv_proj", [f"{p}.self_attn.{t}_proj" for t in "qkv"])
+            if half:
+                qkv = g.op("Cast", [qkv], name=f"{p}.self_attn/to_fp16", to=F16)
             attn = g.op("GroupQueryAttention", [qkv, "", "", f"past_key_{i}", f"past_value_{i}", seqlens, total, cos, sin],
                         name=f"{p}.self_attn", n_out=3, domain=MS, num_heads=cfg.num_heads,
                         kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0)
-            g.output(attn[1], f"present_key_{i}", F32, kv)
-            g.output(attn[2], f"present_value_{i}", F32, kv)
-            o = self.linear(g, attn[0], f"{p}.self_attn.o_proj", [f"{p}.self_attn.o_proj"])
+            g.output(attn[1], f"present_key_{i}", kv_t, kv)
+            g.output(attn[2], f"present_value_{i}", kv_t, kv)
+            ctx = g.op("Cast", [attn[0]], name=f"{p}.self_attn/to_fp32", to=F32) if half else attn[0]
+            o = self.linear(g, ctx, f"{p}.self_attn.o_proj", [f"{p}.self_attn.o_proj"])
             x, _, _, residual = g.op("SkipSimplifiedLayerNormalization",
                                      [o, residual, self.norm_weight(g, f"{p}.post_attention_layernorm.weight")],
                                      name=f"{p}.post_attention_layernorm", n_out=4, domain=MS, epsilon=eps)

@@ -30,7 +30,7 @@ from edge.export.quant.plan import QuantOptions, QuantPlan, plan_quantization
 
 FLOAT = QuantOptions(prefill="fp32", decode="fp32", cpu="fp32")
 CALIB_TOKENS, CALIB_WINDOW = 32768, 512
-CPU_CHUNK = 256  # the CPU plan's most prompt tokens per call: bounds the activations (and GQA's score buffer)
+CPU_CHUNK = 128  # the CPU plan's most prompt tokens per call: bounds the activations (and GQA's score buffer)
 INT4_ACCURACY_LEVEL = 4  # see linears.int4_linear
 
 
