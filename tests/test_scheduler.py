@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.runtime.scheduler import CostTable, StageInfo, Task, build_tasks, check_schedule, schedule
+from edge.runtime.scheduler import CostTable, StageInfo, build_tasks, check_schedule, schedule
 
 # the split plan's stage sequence (export/graph/split.py)
 STAGES = (
