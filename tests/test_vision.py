@@ -301,3 +301,15 @@ def test_cli_takes_repeated_images(vlm, cli, tmp_path):
     r = cli("edge.runtime.cli", vlm.bundles[24], "--image", tmp_path / "missing.png", "--prompt", "Hi")
     assert r.returncode == 1 and "missing.png" in r.stderr and "no such file" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cpu_plan_generates_the_fused_plans_tokens(vlm):
+    """The CPU plan takes embeddings, so image tokens go through it: the same greedy answers as the
+    fused plan's static chunk graphs (the bundle's default pick here is the CPU plan)."""
+    bundle = vlm.bundles[24]
+    cpu, fused = Model.load(bundle, plan="cpu"), Model.load(bundle, plan="fused")
+    assert Model.load(bundle).plan == "cpu"
+    for name in sorted(PHOTOS)[:2]:
+        photo = PHOTOS[name]
+        a = cpu.generate("What is in this image?", images=[photo], max_new_tokens=12)
+        assert a and a == fused.generate("What is in this image?", images=[photo], max_new_tokens=12)
