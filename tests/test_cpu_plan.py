@@ -47,7 +47,15 @@ def cpu_bundles(zoo, tmp_path_factory):
 def test_present_is_the_past_buffer(zoo):
     """The buffer bound as present_* is the one bound as past_*: the kernel writes the new rows
     straight into the cache's numpy memory (no copy per call, no second buffer)."""
+    import onnx
+
     model = zoo.model("llama", 16, plan="cpu")
+    # the kernel writes the graph's present outputs itself: an Identity in between would be a
+    # second buffer, and GroupQueryAttention would copy the whole cache on every call
+    g = onnx.load(str(model.bundle.file(model.bundle.manifest.graphs["cpu"].file)), load_external_data=False).graph
+    gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == model.config.num_layers
+    assert {o for n in gqa for o in n.output[1:]} == {o.name for o in g.output if o.name.startswith("present_")}
     cache = model.new_cache()
     assert isinstance(cache, CpuCache)
     ids = ids_of(9)

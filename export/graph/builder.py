@@ -113,6 +113,7 @@ class GraphBuilder:
         return name
 
     def output(self, value: str, name: str, dtype: int, shape: list) -> str:
+        """Declare a graph output; a value of another name is renamed through an Identity."""
         if value != name:
             self.op("Identity", [value], name=name, out=name)
         self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
@@ -142,10 +143,11 @@ class GraphBuilder:
 
     # -- nodes
     def op(self, op_type: str, inputs: list[str], name: str | None = None, out: str | None = None,
-           n_out: int = 1, domain: str = "", **attrs) -> str:
+           n_out: int = 1, domain: str = "", outs: list[str] | None = None, **attrs) -> str:
+        """``outs``: explicit output names (e.g. graph outputs written by the node itself)."""
         self._counter += 1
         name = name or f"{op_type}_{self._counter}"
-        outs = [out or name] if n_out == 1 else [f"{name}:{i}" for i in range(n_out)]
+        outs = outs or ([out or name] if n_out == 1 else [f"{name}:{i}" for i in range(n_out)])
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain or None, **attrs))
         return outs[0] if n_out == 1 else outs  # type: ignore[return-value]
 

@@ -129,9 +129,12 @@ class CpuDecoderGraph:
             qkv = self.linear(g, x, f"{p}.self_attn.qkv_proj", [f"{p}.self_attn.{t}_proj" for t in "qkv"])
             if half:
                 qkv = g.op("Cast", [qkv], name=f"{p}.self_attn/to_fp16", to=F16)
+            # present_* are the node's own outputs (an Identity to a graph output would be a second
+            # buffer, and the kernel would no longer see present == past)
             attn = g.op("GroupQueryAttention", [qkv, "", "", f"past_key_{i}", f"past_value_{i}", seqlens, total, cos, sin],
                         name=f"{p}.self_attn", n_out=3, domain=MS, num_heads=cfg.num_heads,
-                        kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0)
+                        kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+                        outs=[f"{p}.self_attn:0", f"present_key_{i}", f"present_value_{i}"])
             g.output(attn[1], f"present_key_{i}", kv_t, kv)
             g.output(attn[2], f"present_value_{i}", kv_t, kv)
             ctx = g.op("Cast", [attn[0]], name=f"{p}.self_attn/to_fp32", to=F32) if half else attn[0]
