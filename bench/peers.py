@@ -254,15 +254,25 @@ def _ort_version() -> str | None:
     return _version("onnxruntime")
 
 
-def ort_genai_venv(cache: Path) -> Path:
-    """The python of ORT-GenAI's own environment under ``cache``, made once (a minute, ~1.3 GB)."""
+def ort_genai_venv_dir(cache: Path) -> tuple[Path, list[str]]:
+    """Where ORT-GenAI's environment lives under ``cache`` (named by this python's version, the
+    machine and the pins) and the pins: torch first, then the others."""
     ort = _ort_version()
     pins = [ORT_GENAI_TORCH, *ORT_GENAI_PACKAGES, *([f"onnxruntime=={ort}"] if ort else [])]
     tag = hashlib.sha256(" ".join([sys.version.split()[0], os.uname().machine, *pins]).encode()).hexdigest()[:8]
-    venv = cache / f"venv-ort-genai-{ORT_GENAI_VERSION}-{tag}"
+    return cache / f"venv-ort-genai-{ORT_GENAI_VERSION}-{tag}", pins
+
+
+def ort_genai_venv(cache: Path, make: bool = True) -> Path:
+    """The python of ORT-GenAI's own environment under ``cache``, made once (a minute, ~1.3 GB)
+    unless ``make`` is false (then Skip when it is not there)."""
+    venv, pins = ort_genai_venv_dir(cache)
+    tag = venv.name.rsplit("-", 1)[-1]
     python = venv / "bin" / "python"
     if (venv / "edge-bench.json").is_file() and python.exists():
         return python
+    if not make:
+        raise Skip(f"ORT-GenAI's environment {venv} is not made yet")
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".tmp-venv-ort-genai-{tag}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -274,6 +284,7 @@ def ort_genai_venv(cache: Path) -> Path:
     _run_logged(pip + pins[1:], log, f"pip install {' '.join(pins[1:])} (ORT-GenAI's environment)")
     (tmp / "edge-bench.json").write_text(json.dumps({"packages": pins, "python": sys.version.split()[0]}),
                                          encoding="utf-8")
+    log.rename(tmp / "pip.log")
     shutil.rmtree(venv, ignore_errors=True)
     tmp.rename(venv)  # a venv's python finds its site-packages next to pyvenv.cfg: renaming keeps it working
     return python
@@ -303,7 +314,8 @@ def _ort_genai_version(v: dict) -> str:
 def prepare_ort_genai(spec: dict) -> dict:
     """ORT-GenAI's model for ``spec["precision"]`` (int8 | int4), built by its own model builder
     from the HF folder of the source, once, in the cache dir (keyed by the source's checksum, the
-    precision, the builder's options and the versions)."""
+    precision, the builder's options and the versions). ``spec["cached_only"]``: Skip instead of
+    making what is not in the cache yet (the tests)."""
     precision = spec.get("precision", "int8")
     if precision not in ORT_GENAI_PRECISIONS:
         raise Skip(f"ORT-GenAI precision {precision!r} is not one of {', '.join(ORT_GENAI_PRECISIONS)}")
@@ -311,12 +323,15 @@ def prepare_ort_genai(spec: dict) -> dict:
     if not source.exists():
         raise Skip(f"no source model {source} for ORT-GenAI's builder; pass --hf FOLDER")
     cache = Path(spec["cache_dir"]).expanduser()
-    python = spec.get("python") or str(ort_genai_venv(cache))
+    cached_only = bool(spec.get("cached_only"))
+    python = spec.get("python") or str(ort_genai_venv(cache, make=not cached_only))
     versions = _probe_ort_genai(python)
     key = _source_key(source, (precision, *ORT_GENAI_EXTRA_OPTIONS,
                                *(f"{k}={v}" for k, v in sorted(versions.items()))))
     out = cache / f"ort-genai-{precision}-{source.stem}-{key}"
     if not (out / "edge-bench.json").is_file():
+        if cached_only:
+            raise Skip(f"ORT-GenAI's {precision} model {out} is not built yet")
         hf = hf_folder(source, cache, _source_key(source, ()))
         tmp = cache / f".tmp-ort-genai-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
