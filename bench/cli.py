@@ -1,5 +1,5 @@
-"""edge-bench BUNDLE [BUNDLE ...]: speed and memory of bundles (each prefill plan) beside llama.cpp
-and optimum, measured in one run with the same prompts and thread count."""
+"""edge-bench BUNDLE [BUNDLE ...]: speed and memory of bundles (each prefill plan) beside llama.cpp,
+optimum and onnxruntime-genai, measured in one run with the same prompts and thread count."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = BenchOptions()
     p = argparse.ArgumentParser(prog="edge-bench", description=__doc__,
                                 epilog="Peers need the bench extra: pip install 'edge[bench]' (llama-cpp-python "
-                                       "builds from source). A peer that cannot run is reported as skipped.")
+                                       "builds from source); ort-genai makes its own environment in the cache dir "
+                                       "(it needs a newer transformers than optimum). A peer that cannot run is "
+                                       "reported as skipped.")
     p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle folders (edge-export output)")
     p.add_argument("--prompt-tokens", type=_ints, default=d.prompt_tokens, help="prompt lengths, e.g. 128,512,1024")
     p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="decode steps per run (default %(default)s)")
@@ -55,8 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plans", type=_names, default=None, help="bundle plans to measure (default: every plan a bundle has)")
     p.add_argument("--accelerator", default=d.accelerator, help="split plans: accelerator lane (auto|none|NAME)")
     p.add_argument("--gguf", help="GGUF file for llama.cpp (default: the bundle's source, when it is a GGUF)")
-    p.add_argument("--hf", help="source for optimum's export: HF folder or GGUF (default: the bundle's source)")
-    p.add_argument("--cache-dir", default=d.cache_dir, help="where optimum's export is kept (default %(default)s)")
+    p.add_argument("--hf", help="source for optimum's export and ORT-GenAI's builder: HF folder or GGUF "
+                                "(default: the bundle's source)")
+    p.add_argument("--cache-dir", default=d.cache_dir,
+                   help="where the peers' exports and ORT-GenAI's environment and models are kept (default %(default)s)")
+    p.add_argument("--ort-genai-python", metavar="PYTHON",
+                   help="an interpreter with onnxruntime-genai and a transformers its builder imports "
+                        "(default: a virtual environment made once in the cache dir)")
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds per child process")
     p.add_argument("--json", dest="json_path", help="write the report as JSON here")
     p.add_argument("--plot", help="write the plot PNG here (+ a Gantt chart per traced split plan beside it)")
@@ -80,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=args.repeat,
                         rounds=args.rounds, warmup=args.warmup, threads=args.threads, compare=args.compare,
                         plans=args.plans, accelerator=args.accelerator, gguf=args.gguf, hf=args.hf,
-                        cache_dir=args.cache_dir, timeout_s=args.timeout, trace_dir=str(trace_dir))
+                        cache_dir=args.cache_dir, ort_genai_python=args.ort_genai_python, timeout_s=args.timeout,
+                        trace_dir=str(trace_dir))
 
     def log(msg: str) -> None:
         if not args.quiet:

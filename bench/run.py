@@ -3,8 +3,10 @@
 Runs on a board too: numpy + onnxruntime + stdlib here. Every (system, prompt length) is measured
 in its own child process (``edge.bench`` has the protocol), so peak memory is that system's alone
 and a crashing or missing peer costs only its own row. The peers (llama.cpp through
-llama-cpp-python, optimum's ORTModelForCausalLM) live in ``edge.bench.peers`` and are started as
-child processes, never imported here; a missing one is reported as skipped with the reason.
+llama-cpp-python, optimum's ORTModelForCausalLM, onnxruntime-genai int8 and int4) live in
+``edge.bench.peers`` and are started as child processes, never imported here (ORT-GenAI's with the
+python of its own environment: ``System.params["python"]``); a missing one is reported as skipped
+with the reason.
 
 Prompts: the first N tokens of ``edge.runtime.perplexity.default_text()`` (real English prose and code)
 under the first bundle's tokenizer; every system gets the same token ids (the peers must have the
@@ -32,7 +34,7 @@ import onnxruntime as ort
 import edge
 from edge.bench.worker import SCHEMA, Skip, folder_size, rss_mib, time_generation, worker_main
 
-PEERS = ("llama.cpp", "optimum")
+PEERS = ("llama.cpp", "optimum", "ort-genai")
 PEER_MODULE = "edge.bench.peers"
 IMPORT_ROOT = Path(edge.__file__).resolve().parents[1]  # the folder holding the edge package (checkout or site-packages)
 
@@ -40,7 +42,7 @@ IMPORT_ROOT = Path(edge.__file__).resolve().parents[1]  # the folder holding the
 @dataclass
 class System:
     name: str                   # unique label in tables, plots and JSON
-    kind: str                   # "edge" | "llama.cpp" | "optimum"
+    kind: str                   # "edge" | "llama.cpp" | "optimum" | "ort-genai"
     module: str                 # worker module
     params: dict[str, Any]
     size_bytes: int | None = None
@@ -65,6 +67,7 @@ class BenchOptions:
     gguf: str | None = None
     hf: str | None = None
     cache_dir: str = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-bench")
+    ort_genai_python: str | None = None  # an interpreter with onnxruntime-genai (default: its venv in cache_dir)
     timeout_s: float = 900.0
     trace_dir: str | None = None  # where split plans leave their prefill traces (Chrome JSON)
 
@@ -130,6 +133,16 @@ def peer_systems(manifest: Any, opts: BenchOptions) -> list[System]:
             s = System("optimum fp32", peer, PEER_MODULE, {"source": source, "cache_dir": opts.cache_dir})
             if not source or not Path(source).exists():
                 s.skip = f"no source model ({source!r}) for optimum's export; pass --hf FOLDER"
+        elif peer == "ort-genai":  # two systems: its builder's int8 and int4 models
+            source = opts.hf or src_path
+            for precision in ("int8", "int4"):
+                s = System(f"ort-genai {precision}", peer, PEER_MODULE,
+                           {"source": source, "cache_dir": opts.cache_dir, "precision": precision,
+                            **({"python": opts.ort_genai_python} if opts.ort_genai_python else {})})
+                if not source or not Path(source).exists():
+                    s.skip = f"no source model ({source!r}) for ORT-GenAI's model builder; pass --hf FOLDER"
+                out.append(s)
+            continue
         else:
             raise ValueError(f"unknown peer {peer!r} (known: {', '.join(PEERS)})")
         out.append(s)
@@ -160,7 +173,9 @@ def run_child(system: System, ids: list[int], opts: BenchOptions, log: Callable[
             json.dump(spec, f)
         t0 = time.perf_counter()
         try:
-            r = subprocess.run([sys.executable, "-m", system.module, action, spec_path], env=_child_env(),
+            # a peer with its own environment measures with its python; set-up runs in this one
+            python = system.params.get("python") if action == "--worker" else None
+            r = subprocess.run([python or sys.executable, "-m", system.module, action, spec_path], env=_child_env(),
                                capture_output=True, text=True, timeout=opts.timeout_s)
         except subprocess.TimeoutExpired:
             return {"status": "failed", "reason": f"timed out after {opts.timeout_s:.0f} s"}

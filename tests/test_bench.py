@@ -1,5 +1,7 @@
 """edge-bench on a tiny bundle, peers disabled or unavailable: the JSON report's schema, the PNG,
-skipped peers reported with a reason (never as zeros), and the bench core's board-only imports."""
+skipped peers reported with a reason (never as zeros), and the bench core's board-only imports;
+ORT-GenAI's peer (its environment missing; on the real SmolLM2 weights when its environment and
+model are cached)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -127,7 +131,7 @@ def test_bench_core_imports_on_a_board(module):
         sys.meta_path.insert(0, Block())
         import {module}
         from edge.bench.cli import build_parser
-        build_parser().parse_args(["b", "--compare", "llama.cpp,optimum"])
+        build_parser().parse_args(["b", "--compare", "llama.cpp,optimum,ort-genai"])
     """)
     r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
                        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
@@ -148,3 +152,106 @@ def test_op_profile_tiny_bundle(zoo, capsys):
     assert row["bundle"] == str(bundle) and row["total_ms"] > 0
     with pytest.raises(SystemExit, match="exceeds the bundle's context"):
         op_profile.profile_chunk(bundle, past=10_000, repeat=1, threads=1)
+
+
+# ------------------------------------------------------------------------------------------ ORT-GenAI
+def test_parser_and_systems_for_ort_genai(tmp_path):
+    from edge.bench.cli import build_parser
+    from edge.bench.run import PEERS, BenchOptions, peer_systems
+
+    assert "ort-genai" in PEERS
+    for compare in ("ort-genai", "llama.cpp,optimum,ort-genai"):
+        args = build_parser().parse_args(["b", "--compare", compare, "--ort-genai-python", "/x/python"])
+        assert args.compare == tuple(compare.split(",")) and args.ort_genai_python == "/x/python"
+    # one peer name, two systems: the builder's int8 and int4 models of the bundle's source
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    manifest = SimpleNamespace(source={"kind": "gguf", "path": str(gguf)})
+    systems = peer_systems(manifest, BenchOptions(compare=("ort-genai",), ort_genai_python="/x/python"))
+    assert [(s.name, s.kind, s.params["precision"]) for s in systems] == [
+        ("ort-genai int8", "ort-genai", "int8"), ("ort-genai int4", "ort-genai", "int4")]
+    assert all(s.skip is None and s.params["source"] == str(gguf) and s.params["python"] == "/x/python"
+               for s in systems)
+    gone = SimpleNamespace(source={"kind": "hf", "path": str(tmp_path / "gone")})
+    systems = peer_systems(gone, BenchOptions(compare=("ort-genai",)))
+    assert len(systems) == 2 and all("ORT-GenAI's model builder" in s.skip for s in systems)
+    assert all("python" not in s.params for s in systems)  # default: its venv, found when prepared
+
+
+@pytest.mark.parametrize("python", ["missing", "no-builder"])
+def test_ort_genai_without_its_environment_is_skipped(zoo, tmp_path, python):
+    """An interpreter that does not exist, or one that cannot import onnxruntime-genai's builder:
+    both systems are reported skipped with the reason; the bundle is still measured."""
+    from edge.bench.cli import main
+
+    interpreter = tmp_path / "venv" / "bin" / "python"
+    if python == "no-builder":
+        interpreter.parent.mkdir(parents=True)
+        interpreter.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'onnxruntime_genai'\" >&2\nexit 1\n")
+        interpreter.chmod(0o755)
+    bundle = zoo.bundle("llama", 16)
+    out_json, cache = tmp_path / "bench.json", tmp_path / "cache"
+    rc = main([str(bundle), "--plans", "fused", "--prompt-tokens", "12", "--new-tokens", "2", "--repeat", "1",
+               "--warmup", "0", "--threads", "1", "--compare", "ort-genai", "--ort-genai-python", str(interpreter),
+               "--cache-dir", str(cache), "--json", str(out_json), "--quiet"])
+    assert rc == 0
+    report = json.loads(out_json.read_text())
+    check_report(report, [12], 2)
+    by_name = {s["name"]: s for s in report["systems"]}
+    assert by_name[f"edge {bundle.name} fused"]["status"] == "ok"
+    expect = "cannot run" if python == "missing" else "does not import"
+    for precision in ("int8", "int4"):
+        peer = by_name[f"ort-genai {precision}"]
+        assert peer["kind"] == "ort-genai" and peer["status"] == "skipped" and peer["results"] == []
+        assert expect in peer["reason"] and str(interpreter) in peer["reason"], peer["reason"]
+    assert report["ratios"] == []
+    assert not list(cache.glob("venv-ort-genai-*")) and not list(cache.glob("ort-genai-*"))  # nothing made
+
+
+def test_ort_genai_failed_step_skips_with_the_log_tail(tmp_path):
+    from edge.bench.peers import _run_logged
+    from edge.bench.worker import Skip
+
+    log = tmp_path / "step.log"
+    with pytest.raises(Skip, match=r"the builder exited 3 .*boom"):
+        _run_logged([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], log, "the builder")
+    assert "boom" in log.read_text()
+
+
+@pytest.mark.real
+def test_ort_genai_real_smollm2(tmp_path):
+    """ORT-GenAI int8 (its own builder's model of the same weights) through edge-bench's child, when
+    its environment and model are already in the default cache (edge-bench --compare ort-genai
+    makes them): the same first greedy tokens as the float weights in transformers, the threads,
+    the 2048 context and the shared past/present buffer it ran with."""
+    from edge.bench import peers
+    from edge.bench.run import PEER_MODULE, BenchOptions, System, prompt_ids, run_child
+    from edge.bench.worker import Skip
+    from edge.export.sources.gguf_file import smollm2_path
+
+    cache = Path(BenchOptions().cache_dir)
+    spec = {"source": str(smollm2_path()), "cache_dir": str(cache), "precision": "int8", "cached_only": True}
+    try:
+        prep = peers.prepare_ort_genai(spec)
+    except Skip as e:
+        pytest.skip(f"{e}: `edge-bench BUNDLE --compare ort-genai` makes it once")
+    built = json.loads((Path(prep["params"]["model_dir"]).parent / "edge-bench.json").read_text())
+    hf = Path(built["hf_folder"])
+    ids = prompt_ids(hf / "tokenizer.json", 32)
+    new = 4
+    opts = BenchOptions(new_tokens=new, repeat=1, warmup=0, threads=1)
+    system = System("ort-genai int8", "ort-genai", PEER_MODULE, {**prep["params"], "precision": "int8", "n_ctx": 2048})
+    res = run_child(system, ids, opts, lambda _msg: None)
+    assert res["status"] == "ok", res
+    assert len(res["tokens"]) == new + 1 and res["prefill_tok_s"][0] > 0 and res["decode_tok_s"][0] > 0
+    assert res["config"]["intra_op_num_threads"] == 1 and res["config"]["max_length"] == 2048
+    assert res["config"]["past_present_share_buffer"] is True
+    assert res["version"].startswith(f"onnxruntime-genai {peers.ORT_GENAI_VERSION}")
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=2, do_sample=False)[0, len(ids):].tolist()
+    assert res["tokens"][:2] == ref  # int8 weights, dynamic int8 activations: the leading tokens agree
