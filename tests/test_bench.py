@@ -209,7 +209,7 @@ def test_ort_genai_without_its_environment_is_skipped(zoo, tmp_path, python):
 
 
 def test_ort_genai_failed_step_skips_with_the_log_tail(tmp_path):
-    from edge.bench.peers import _run_logged
+    from edge.bench.ort_genai import _run_logged
     from edge.bench.worker import Skip
 
     log = tmp_path / "step.log"
