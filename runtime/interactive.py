@@ -94,15 +94,18 @@ def chat_loop(model: "Model", system: str | None = None, overflow: str = "refuse
         if text.startswith("/") and " " not in text:
             print(f"edge-run: unknown command {text}; {HELP}", file=err)
             continue
-        with _SigintFlag() as cancel:
-            try:
+        try:
+            with _SigintFlag() as cancel:
                 completion = session.stream(line, cancel=cancel, **options)
                 for piece in completion:
                     out.write(piece)
                     out.flush()
-            except EdgeError as e:
-                print(f"edge-run: error: {e}", file=err)
-                continue
+        except EdgeError as e:
+            print(f"edge-run: error: {e}", file=err)
+            continue
+        except KeyboardInterrupt:  # a Ctrl-C just before the answer began
+            print("\n[stopped]", file=err)
+            continue
         out.write("\n")
         out.flush()
         st = completion.stats
