@@ -287,6 +287,7 @@ class _Uvicorn(uvicorn.Server):
         self.edge = edge
 
     async def startup(self, sockets=None) -> None:
+        self.edge.pool._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started and self.servers:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
@@ -297,15 +298,19 @@ class _Uvicorn(uvicorn.Server):
                   f"{', API key required' if cfg.api_key else ''})", file=sys.stderr, flush=True)
 
     def handle_exit(self, sig: int, frame) -> None:
+        # a signal handler: set flags, leave the rest (printing included) to the event loop
+        pool = self.edge.pool
         if self.should_exit:
             if sig == signal.SIGINT:
                 self.force_exit = True
-                self.edge.pool.cancel_all("shutdown")
+                pool.cancel_all("shutdown")
             return
-        print(f"edge-serve: {signal.Signals(sig).name}: draining ({len(self.edge.pool.jobs)} in flight, "
-              f"{self.edge.cfg.drain_timeout:g} s)", file=sys.stderr, flush=True)
-        self.edge.pool.drain(self.edge.cfg.drain_timeout)
         self.should_exit = True
+        pool.drain(self.edge.cfg.drain_timeout)
+        if pool._loop is not None:
+            pool._loop.call_soon_threadsafe(
+                lambda: print(f"edge-serve: {signal.Signals(sig).name}: draining ({len(pool.jobs)} in flight, "
+                              f"{self.edge.cfg.drain_timeout:g} s)", file=sys.stderr, flush=True))
 
 
 def serve(model: "Model", cfg: ServeConfig) -> int:
