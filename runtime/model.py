@@ -152,7 +152,7 @@ class Model:
         if not isinstance(sampling, SamplingParams):
             raise PromptError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         stop = set(self.config.eos_token_ids if stop_ids is None else stop_ids)
-        cache = cache or self.new_cache()
+        cache = cache if cache is not None else self.new_cache()
         sample = Sampler(sampling)
         # embeds: the prompt's embeddings when they are not just its tokens' (images merged in)
         logits = self.prefill(self.embed(prompt_ids) if embeds is None else embeds, cache)
