@@ -113,7 +113,7 @@ class EdgeServer:
         if denied := self._guard(request):
             return denied
         try:
-            self.pool._admit()
+            self.pool.admit()
             body = api.parse_json(await self._read_body(request))
             if kind == "chat":
                 req = api.parse_chat(body, self.name, self.max_tokens_limit, self.max_tokens_limit,
@@ -129,10 +129,12 @@ class EdgeServer:
             return Response(status_code=499)
         if job is None:  # the client left while its request waited
             return Response(status_code=499)
+        # from here on a disconnect stops the generation, even one before the stream's first byte
+        watch = _stop_on_disconnect(request, job)
         if req.stream:
-            return StreamingResponse(self._events(job, req), media_type="text/event-stream",
+            return StreamingResponse(self._events(job, req, watch), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._collect(request, job, req)
+        return await self._collect(job, req, watch)
 
     def _prompt(self, req: api.Request) -> tuple[Prompt, int]:
         try:
@@ -169,9 +171,7 @@ class EdgeServer:
         st = job.completion.stats
         return api.usage(st.prompt_tokens, st.cached_tokens, st.completion_tokens)
 
-    async def _collect(self, request: HttpRequest, job: Job, req: api.Request) -> Response:
-        watch = asyncio.ensure_future(_disconnected(request))
-        watch.add_done_callback(lambda t: t.cancelled() or job.stop("disconnect"))
+    async def _collect(self, job: Job, req: api.Request, watch: asyncio.Task) -> Response:
         text = []
         try:
             while True:
@@ -190,7 +190,7 @@ class EdgeServer:
         return JSONResponse(api.response(req.kind, api.new_id(req.kind), self.name, "".join(text), st.finish_reason,
                                          self._usage(job)))
 
-    async def _events(self, job: Job, req: api.Request) -> AsyncIterator[bytes]:
+    async def _events(self, job: Job, req: api.Request, watch: asyncio.Task) -> AsyncIterator[bytes]:
         rid, created, kind = api.new_id(req.kind), int(time.time()), req.kind
         ended = False
         try:
@@ -213,6 +213,7 @@ class EdgeServer:
                 break
             yield b"data: [DONE]\n\n"
         finally:
+            watch.cancel()
             if not ended:  # the client went away (Starlette cancels the stream on http.disconnect)
                 job.stop("disconnect")
 
@@ -232,6 +233,17 @@ class EdgeServer:
 async def _disconnected(request: HttpRequest) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _stop_on_disconnect(request: HttpRequest, job: Job) -> asyncio.Task:
+    def done(task: asyncio.Task) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved: a receive() that failed means the client is gone too
+            job.stop("disconnect")
+
+    watch = asyncio.ensure_future(_disconnected(request))
+    watch.add_done_callback(done)
+    return watch
 
 
 async def _unless_disconnected(request: HttpRequest, work):
@@ -287,7 +299,7 @@ class _Uvicorn(uvicorn.Server):
         self.edge = edge
 
     async def startup(self, sockets=None) -> None:
-        self.edge.pool._loop = asyncio.get_running_loop()
+        self.edge.pool.bind(asyncio.get_running_loop())
         await super().startup(sockets)
         if self.started and self.servers:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
@@ -307,10 +319,8 @@ class _Uvicorn(uvicorn.Server):
             return
         self.should_exit = True
         pool.drain(self.edge.cfg.drain_timeout)
-        if pool._loop is not None:
-            pool._loop.call_soon_threadsafe(
-                lambda: print(f"edge-serve: {signal.Signals(sig).name}: draining ({len(pool.jobs)} in flight, "
-                              f"{self.edge.cfg.drain_timeout:g} s)", file=sys.stderr, flush=True))
+        pool.soon(lambda: print(f"edge-serve: {signal.Signals(sig).name}: draining ({len(pool.jobs)} in flight, "
+                                f"{self.edge.cfg.drain_timeout:g} s)", file=sys.stderr, flush=True))
 
 
 def serve(model: "Model", cfg: ServeConfig) -> int:

@@ -105,8 +105,8 @@ class SlotPool:
 
     async def start(self, prompt: Prompt, options: GenerationOptions, dropped: int, started: float) -> Job:
         """Take a slot (waiting in the queue if need be) and start generating on it."""
-        self._loop = asyncio.get_running_loop()
-        self._admit()
+        self.bind(asyncio.get_running_loop())
+        self.admit()
         if not self.free or self.waiters:
             if len(self.waiters) >= self.queue_limit:
                 self.counters.rejected_queue_full += 1
@@ -122,7 +122,20 @@ class SlotPool:
         fut.add_done_callback(lambda _: self._finish(job))
         return job
 
-    def _admit(self) -> None:
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop the pool lives on (drain and cancel_all reach it from other threads)."""
+        self._loop = loop
+
+    def soon(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the pool's event loop (from any thread, or a signal handler)."""
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(fn)
+            except RuntimeError:  # the loop is closed
+                pass
+
+    def admit(self) -> None:
+        """503 once the server drains."""
         if self.draining:
             self.counters.rejected_draining += 1
             raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
@@ -141,7 +154,7 @@ class SlotPool:
                 elif fut.done() and not fut.cancelled() and fut.exception() is None:
                     self._wake()  # it was woken for a free slot: pass the turn on
                 raise
-            self._admit()
+            self.admit()
             if self.free:
                 return
             front = True

@@ -43,6 +43,7 @@ def test_follow_up_turns_prefill_only_what_is_not_cached(zoo, monkeypatch):
     spy = PrefillSpy(model, monkeypatch)
     session = model.chat_session(system="You are terse.")
     held: list = []  # the rows the cache holds after each turn: prompt ids + the answer ids fed back
+    previous_prompt = 0
     for turn, text in enumerate(["hello world", "and then what?", "tell me more about it", "ok, thanks"]):
         ids = list(chat_prompt(model, session.messages + [{"role": "user", "content": text}]).ids)
         completion = session.stream(text, max_new_tokens=N)
@@ -283,17 +284,19 @@ def test_interactive_ctrl_c_stops_the_answer_not_the_session(tmp_path_factory):
 # ---------------------------------------------------------------- the real SmolLM2
 @pytest.mark.real
 def test_real_five_turn_conversation_prefills_only_new_tokens(tmp_path_factory, monkeypatch):
-    """Each follow-up prefills exactly the tokens after the previous answer; time to first token
-    against re-prefilling the whole conversation from an empty cache."""
+    """Each follow-up prefills exactly the tokens after the previous answer. Time to first token:
+    as the turn saw it, and (best of 3, same cache rows) prefilling only the new tokens against
+    re-prefilling the whole conversation from an empty cache."""
     model = Model.load(real_bundle(tmp_path_factory.getbasetemp()))
     spy = PrefillSpy(model, monkeypatch)
     session = model.chat_session(system="You are a helpful assistant.")
-    questions = ["What is the capital of France?", "Tell me about its history.", "What river flows through it?",
-                 "Name three famous bridges over that river.", "Which museums should I visit there?"]
+    questions = ["What is the capital of France?", "Tell me about its history in detail.",
+                 "What river flows through it? Describe it.", "Name three famous bridges over that river.",
+                 "Which museums should I visit there, and why?"]
     rows = []
     held: list = []
     for turn, q in enumerate(questions, 1):
-        c = session.stream(q, max_new_tokens=96)
+        c = session.stream(q, max_new_tokens=128)
         answer = "".join(c)
         st = c.stats
         ids = list(chat_prompt(model, session.messages[:-1]).ids)
@@ -303,15 +306,27 @@ def test_real_five_turn_conversation_prefills_only_new_tokens(tmp_path_factory, 
             # covers the whole previous prompt + answer, only the new turn's tokens are prefilled
             assert st.cached_tokens == len(held), (st.cached_tokens, len(held))
         held = ids + c.token_ids[:len(c.token_ids) - (st.finish_reason == "length")]
-        t0 = time.perf_counter()
-        fresh = model.generate_ids(ids, 1)
-        next(fresh)
-        full_ttft = time.perf_counter() - t0
-        rows.append((turn, st.prompt_tokens, st.cached_tokens, st.prefilled_tokens, st.ttft_s, full_ttft))
+        rows.append((turn, st.prompt_tokens, st.cached_tokens, st.prefilled_tokens, st.ttft_s,
+                     first_token_s(model, ids, st.cached_tokens), first_token_s(model, ids, 0)))
         if turn == 1:
             assert "Paris" in answer
     print(f"\nload average {os.getloadavg()[0]:.1f}, chunk {model.chunk_length}")
-    print("turn | prompt tokens | cached | prefilled | TTFT session ms | TTFT full re-prefill ms")
-    for t, n, cached, pre, ttft, full in rows:
-        print(f"{t} | {n} | {cached} | {pre} | {1e3 * ttft:.0f} | {1e3 * full:.0f}")
-    assert all(pre < n / 2 for _, n, _, pre, _, _ in rows[1:])
+    print("| turn | prompt tokens | cached | prefilled | TTFT in the session ms | new tokens only, best of 3 ms "
+          "| whole conversation, best of 3 ms |")
+    for t, n, cached, pre, live, new, full in rows:
+        print(f"| {t} | {n} | {cached} | {pre} | {1e3 * live:.0f} | {1e3 * new:.0f} | {1e3 * full:.0f} |")
+    assert all(pre < n / 2 for _, n, _, pre, *_ in rows[1:])
+
+
+def first_token_s(model: Model, ids: list[int], cached: int, repeats: int = 3) -> float:
+    """Best time to the first token with rows [0, cached) already in the cache."""
+    cache = model.new_cache()
+    if cached:
+        model.prefill(model.embed(ids[:cached]), cache)
+    best = float("inf")
+    for _ in range(repeats):
+        cache.length = cached
+        t0 = time.perf_counter()
+        next(model.generate_ids(ids[cached:], 1, cache=cache))
+        best = min(best, time.perf_counter() - t0)
+    return best

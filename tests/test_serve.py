@@ -199,10 +199,7 @@ def test_a_client_that_disconnects_stops_its_generation(deep):
         assert h["counters"]["cancelled_disconnect"] == 1 and h["counters"]["completed"] == 0
         assert h["counters"]["completion_tokens"] < 300  # of 900 asked for
         # a non-streaming request whose client gives up
-        s = socket.create_connection(("127.0.0.1", server.port))
-        body = json.dumps(LONG).encode()
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        s = raw_post(server, LONG)
         wait_for(lambda: server.health()["slots"]["busy"] == 1)
         time.sleep(0.3)
         s.close()
@@ -219,23 +216,37 @@ def wait_for(cond, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
+def raw_post(server, body: dict) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", server.port))
+    data = json.dumps(body).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return s
+
+
 def test_a_full_queue_answers_429(deep):
-    with ServerProcess(deep, "--parallel", "1", "--queue", "1", "--drain-timeout", "0") as server:
+    with ServerProcess(deep, "--parallel", "1", "--queue", "2", "--drain-timeout", "0") as server:
         conn, resp = stream_lines(server, "/v1/chat/completions", {**LONG, "stream": True})
         assert len(sse_events(resp, limit=2)) == 2  # the one slot is busy
+        gives_up = raw_post(server, {**LONG, "max_tokens": 2})
+        wait_for(lambda: server.health()["queue"]["waiting"] == 1)
         waiting = threading.Thread(target=lambda: server.request("POST", "/v1/chat/completions", {**LONG,
                                                                  "max_tokens": 2}), daemon=True)
         waiting.start()
-        wait_for(lambda: server.health()["queue"]["waiting"] == 1)
+        wait_for(lambda: server.health()["queue"]["waiting"] == 2)
         status, headers, data = server.request("POST", "/v1/chat/completions", {**LONG, "max_tokens": 2})
         assert status == 429 and headers["retry-after"] == "1"
         assert json.loads(data)["error"]["code"] == "queue_full"
         with pytest.raises(openai.RateLimitError):
             server.client().chat.completions.create(model=deep.name, messages=CHAT, max_tokens=2)
         assert server.health()["counters"]["rejected_queue_full"] == 2
+        gives_up.close()  # a client that leaves the queue frees its place
+        wait_for(lambda: server.health()["queue"]["waiting"] == 1)
         conn.close()  # the slot frees, the queued request runs
         waiting.join(60)
         assert not waiting.is_alive()
+        c = server.wait_idle()["counters"]
+        assert c["requests"] == 2 and c["completed"] == 1 and c["cancelled_disconnect"] == 1
 
 
 def test_sigterm_drains_then_exits_cleanly(deep):
