@@ -12,7 +12,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, TextIO
 
-from edge.errors import EdgeError
+from edge.errors import EdgeError, PromptError
 
 if TYPE_CHECKING:
     from edge.runtime.model import Model
@@ -55,6 +55,8 @@ def chat_loop(model: "Model", system: str | None = None, overflow: str = "refuse
     from edge.runtime.chat import GenerationOptions
 
     GenerationOptions(**options)  # a bad option is refused once, before the chat opens
+    if model.tokenizer.chat_template is None:
+        raise PromptError("this bundle has no chat template, which a chat needs; use --prompt TEXT --raw")
     session = model.chat_session(system=system, overflow=overflow)
     out, err = sys.stdout, sys.stderr
     tty = sys.stdin.isatty()
