@@ -1,4 +1,5 @@
-"""edge-run BUNDLE --prompt TEXT: generate text from a bundle, streaming tokens as they come."""
+"""edge-run BUNDLE --prompt TEXT: generate text from a bundle, streaming tokens as they come;
+without --prompt (or with -i): a chat on the terminal (runtime/interactive.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from edge.errors import EdgeError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-run", description="Generate text with an edge bundle.")
     p.add_argument("bundle", nargs="?", help="bundle folder written by edge-export")
-    p.add_argument("--prompt", help="prompt text (wrapped in the chat template unless --raw)")
+    p.add_argument("--prompt", help="prompt text (wrapped in the chat template unless --raw); without it, a chat")
+    p.add_argument("-i", "--interactive", action="store_true", help="chat on the terminal (the default without --prompt)")
+    p.add_argument("--system", metavar="TEXT", help="chat: the system message")
+    p.add_argument("--overflow", choices=("refuse", "drop_oldest"), default="refuse",
+                   help="chat: when the context is full, refuse the turn (default) or drop the oldest turns")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -50,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(describe_devices())
         return 0
-    if not args.bundle or args.prompt is None:
-        parser.error("BUNDLE and --prompt are required (or --devices)")
+    if not args.bundle:
+        parser.error("BUNDLE is required (or --devices)")
+    chat = args.interactive or args.prompt is None
+    if chat and (args.prompt is not None or args.raw or args.image):
+        parser.error("-i (chat) takes no --prompt, --raw or --image")
     if (args.trace or args.gantt) and args.plan is None:
         args.plan = "split"
     if (args.trace or args.gantt) and args.plan != "split":
@@ -64,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         model = Model.load(args.bundle, threads=args.threads, verify_hashes=not args.no_verify, plan=args.plan,
                            accelerator=args.accelerator, lane_threads=args.lane_threads)
         t_load = time.perf_counter() - t0
+        if chat:
+            from edge.runtime.interactive import chat_loop
+
+            return chat_loop(model, system=args.system, overflow=args.overflow, stats=args.stats,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed)
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
         t1 = time.perf_counter()  # first-token time includes image preprocessing + the vision encoder
         ids, embeds = model.prepare_prompt(args.prompt, raw=args.raw, images=args.image)

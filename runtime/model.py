@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -20,6 +20,9 @@ from edge.runtime.sampling import Sampler, SamplingParams
 from edge.runtime.sessions import open_session, session_options
 from edge.runtime.shared_weights import SharedWeights, trim_heap
 from edge.runtime.tokenizer import Tokenizer, check_text
+
+if TYPE_CHECKING:
+    from edge.runtime.chat import ChatSession
 
 
 class Model:
@@ -163,7 +166,7 @@ class Model:
         if not isinstance(sampling, SamplingParams):
             raise PromptError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         stop = set(self.config.eos_token_ids if stop_ids is None else stop_ids)
-        cache = cache or self.new_cache()
+        cache = cache if cache is not None else self.new_cache()
         sample = Sampler(sampling)
         # embeds: the prompt's embeddings when they are not just its tokens' (images merged in)
         logits = self.prefill(self.embed(prompt_ids) if embeds is None else embeds, cache)
@@ -193,3 +196,21 @@ class Model:
     def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, raw: bool = False, images=None) -> str:
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, images))
+
+    # ---------------------------------------------------------------- conversations (runtime/chat.py)
+    def chat_session(self, system: str | None = None, overflow: str = "refuse") -> "ChatSession":
+        """A conversation that keeps its KV cache: each follow-up turn prefills only its new tokens.
+        ``overflow``: "refuse" (a full context is an error) or "drop_oldest" (oldest turns dropped)."""
+        from edge.runtime.chat import ChatSession
+
+        return ChatSession(self, system=system, overflow=overflow)
+
+    def stream_chat(self, messages: list[dict], **options) -> Iterator[str]:
+        """Answer a whole conversation (``[{"role": ..., "content": ...}, ...]``), streaming text pieces.
+        ``options``: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos."""
+        from edge.runtime.chat import chat_once
+
+        return chat_once(self, messages, **options)
+
+    def chat(self, messages: list[dict], **options) -> str:
+        return "".join(self.stream_chat(messages, **options))

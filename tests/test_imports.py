@@ -7,7 +7,8 @@ import json
 import textwrap
 
 BLOCKED = ("torch", "transformers", "optimum", "onnx", "onnxscript", "gguf", "safetensors",
-           "edge.export", "edge.bench")  # the exporter and the benchmarks never ship to a board
+           "edge.export", "edge.bench",  # the exporter and the benchmarks never ship to a board
+           "starlette", "uvicorn", "openai")  # edge-serve's extra (edge[serve]) and its test client: optional
 # third-party top-level modules a board may have (the base dependencies and what they pull in)
 ALLOWED_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers", "jinja2", "markupsafe", "edge",
                        "cython_runtime"}  # a pseudo-module that Cython extensions (numpy) register
@@ -49,6 +50,11 @@ SCRIPT = textwrap.dedent("""
         "sampled": model.generate("hello world", max_new_tokens=8, temperature=1.0, seed=3, raw=True),
     }
     assert run_main([sys.argv[1], "--prompt", "hi", "--raw", "--max-new-tokens", "3"]) == 0
+    # chat sessions need nothing more; edge-serve without its extra refuses in one line
+    assert model.chat_session(system="s").send("hello world", max_new_tokens=4) is not None
+    from edge.runtime.serve_cli import main as serve_main
+    assert serve_main([sys.argv[1]]) == 1
+    attempts = [a for a in attempts if a not in ("starlette", "uvicorn")]  # what serve_main tries, and refuses
     stdlib = set(sys.stdlib_module_names) | {"__main__", "_distutils_hack", "sitecustomize", "usercustomize"}
     new = {m.split(".")[0] for m in set(sys.modules) - AT_START}
     third = sorted(new - stdlib - {m for m in new if m.startswith("_")})
