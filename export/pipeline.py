@@ -15,9 +15,13 @@ from edge.config import ExportOptions
 from edge.plans import Plans
 from edge.manifest import FORMAT_VERSION, MANIFEST_NAME, GraphSpec, Manifest, TensorSpec, file_record
 
+from edge.budget import check_context, check_memory, estimate_for
+from edge.errors import ModelSourceError
 from edge.progress import Progress
 
 from edge.export.bundle_writer import write_atomically
+from edge.export.checks import check_tokenizer
+from edge.export.target import check_target, check_writable_parent
 from edge.export.families import family_for
 from edge.export.graph.builder import WeightStore, io_specs
 from edge.export.graph.split import build_split
@@ -56,17 +60,21 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
     plans, and (``accuracy.enabled``) records held-out perplexities in the manifest."""
     quant = quant or FLOAT
     progress = progress or Progress(total_steps=4 + 2 * quant.quantized)
+    out = Path(out)
+    # the target first (before minutes of work): edge's to replace, not holding the model, writable
+    check_target(out, [model] if Path(model).exists() else [])
+    check_writable_parent(out)
     with progress.stage(f"loading {model}"):
         source = load_source(model)
+        check_target(out, source_paths(model, source))  # an alias's file too
         family = family_for(source.architecture)
-        cfg = family.config(source.hf_config, source.special_tokens)
+        cfg = _decoder_config(family, source)
+        check_context(options.max_context, "--context", _trained_positions(source))
+        check_tokenizer(source.tokenizer_json, source.chat_template, cfg, _origin(source, "tokenizer.json"))
         weights = family.sanitize(source.weights, cfg)
         vision = family.vision(source, cfg) if family.vision else None  # multimodal: image side
     progress.note(f"{family.name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
                   f"{sum(w.size for w in weights.values()) / 1e6:.1f}M parameters")
-    if options.max_context > source.hf_config.get("max_position_embeddings", options.max_context):
-        progress.note(f"warning: context {options.max_context} exceeds the model's trained "
-                      f"{source.hf_config['max_position_embeddings']} positions")
 
     plan, calib_record = None, None
     if quant.quantized:
@@ -126,6 +134,42 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
             (tmp / MANIFEST_NAME).write_text(manifest.dumps(), encoding="utf-8")
         fill.manifest = manifest  # type: ignore[attr-defined]
 
+    need = estimate_for(cfg, options.max_context, options.chunk_length, store.nbytes)
+    progress.note(f"running the bundle needs {need.describe()}")
+    warning = check_memory(need, f"bundle {out.name}", refuse=False)
+    if warning:
+        progress.note(warning)  # the bundle may be meant for a larger machine: the runtime refuses then
     with progress.stage(f"writing bundle {out} ({store.nbytes / 1e6:.0f} MB of weights)"):
-        write_atomically(Path(out), fill)
+        write_atomically(out, fill, source_paths(model, source))
     return fill.manifest  # type: ignore[attr-defined]
+
+
+def source_paths(model: str | Path, source) -> list[Path]:
+    """The files/folders an export reads (a target must not contain them)."""
+    paths = [Path(model)] if Path(model).exists() else []
+    if isinstance(source.identity.get("path"), str):
+        paths.append(Path(source.identity["path"]))
+    return paths
+
+
+def _origin(source, name: str) -> str:
+    path = source.identity.get("path", "")
+    if source.identity.get("kind") == "gguf":
+        return f"{path}: GGUF metadata ({name} rebuilt from it)" if name != "config" else f"{path}: GGUF metadata"
+    return f"{Path(path) / name}" if path else name
+
+
+def _decoder_config(family, source):
+    """The family's config; a value the config record refuses names the file it came from."""
+    try:
+        return family.config(source.hf_config, source.special_tokens)
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise ModelSourceError(f"{_origin(source, 'config.json' if source.identity.get('kind') != 'gguf' else 'config')}: "
+                               f"{e}") from None
+
+
+def _trained_positions(source) -> int | None:
+    cfg = source.hf_config
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    value = cfg.get("max_position_embeddings", text.get("max_position_embeddings"))
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
