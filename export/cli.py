@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edge.budget import MAX_CONTEXT
+from edge.cli_errors import add_debug_flag, bounded_int, cli_boundary
 from edge.config import ExportOptions
 from edge.errors import EdgeError
 from edge.progress import Progress
@@ -19,8 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a Hugging Face folder, a GGUF file or a built-in alias (smollm2-135m) to an edge bundle.")
     p.add_argument("model", help="HF model folder, .gguf file, or alias (smollm2-135m)")
     p.add_argument("-o", "--output", required=True, help="bundle folder to write (replaced atomically)")
-    p.add_argument("--chunk", type=int, default=ExportOptions.chunk_length, help="prefill chunk length (tokens)")
-    p.add_argument("--context", type=int, default=ExportOptions.max_context, help="max context (KV cache positions)")
+    p.add_argument("--chunk", type=bounded_int(1, MAX_CONTEXT), default=ExportOptions.chunk_length,
+                   help="prefill chunk length (tokens)")
+    p.add_argument("--context", type=bounded_int(1, MAX_CONTEXT), default=ExportOptions.max_context,
+                   help=f"max context (KV cache positions; at most the model's max_position_embeddings and "
+                        f"{MAX_CONTEXT})")
     p.add_argument("--plans", default="fused,split",
                    help="prefill plans to emit, comma-separated: fused (always; the default plan) and split "
                         "(per-layer subgraphs for CPU + accelerator lanes; shares the weights file)")
@@ -29,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "by onnxruntime as 8-bit MatMulNBits; default when --quant is w8a8*) or fp32 (default "
                         "otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_debug_flag(p)
     quant_options.add_arguments(p)
     return p
 
@@ -44,8 +50,10 @@ def _multimodal(model: str) -> bool:
         return False  # unsupported: export_model says so
 
 
+@cli_boundary("edge-export")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from edge.cli_errors import UsageError
     from edge.export.pipeline import export_model
 
     args.quant = quant_options.resolve_scheme(args.quant, _multimodal(args.model))
@@ -55,15 +63,13 @@ def main(argv: list[str] | None = None) -> int:
                                 vision_weights=args.vision_weights or quant_options.weights_for(args.quant))
         quant, calib, accuracy = quant_options.from_args(args)
     except (ValueError, EdgeError) as e:
-        print(f"edge-export: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     progress = Progress(total_steps=3 + 2 * quant.quantized, enabled=not args.quiet)
     try:
         manifest = export_model(args.model, args.output, options, progress, quant=quant, calibration=calib,
                                 accuracy=accuracy)
-    except (EdgeError, FileExistsError) as e:
-        print(f"edge-export: error: {e}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:  # write_atomically removed its working folder; the target was not touched
+        raise KeyboardInterrupt(f"interrupted (Ctrl-C); {args.output} is unchanged (no bundle was written)") from None
     if not args.quiet:
         size = sum(r["size"] for r in manifest.files.values())
         print(f"wrote {args.output}: {len(manifest.graphs)} graphs, {size / 1e6:.1f} MB, "

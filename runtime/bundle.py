@@ -8,8 +8,10 @@ from pathlib import Path, PurePosixPath
 
 import onnxruntime as ort
 
+from edge.budget import check_memory, estimate_for
 from edge.errors import BundleError
-from edge.manifest import GraphSpec, Manifest, read_manifest, safe_relative, verify_files
+from edge.manifest import MANIFEST_NAME, GraphSpec, Manifest, read_manifest, safe_relative, verify_files
+from edge.manifest_checks import check_graphs_match
 
 from edge.runtime.onnx_refs import external_data_refs
 
@@ -25,15 +27,23 @@ class Bundle:
         return self.path / name
 
 
-def open_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
+def open_bundle(path: str | Path, verify_hashes: bool = True, memory_check: bool = True) -> Bundle:
+    """``memory_check``: refuse a bundle whose estimated memory need (weights + KV cache at its
+    max_context + activations, edge/budget.py) exceeds the memory available here."""
     path = Path(path)
     manifest = read_manifest(path)
     for role in REQUIRED_GRAPHS:
         if role not in manifest.graphs:
             raise BundleError(f"{path}/manifest.json: graphs.{role} missing (has {sorted(manifest.graphs)})")
+    where = str(path / MANIFEST_NAME)
+    check_graphs_match(manifest, where)  # chunk length, heads, cache shapes vs the graphs' inputs
     verify_files(path, manifest, check_hashes=verify_hashes)
     for key, spec in manifest.graphs.items():
         check_external_data(path, key, spec, manifest)
+    if memory_check:
+        need = estimate_for(manifest.model, manifest.max_context, manifest.chunk_length,
+                            sum(r["size"] for r in manifest.files.values()))
+        check_memory(need, f"{path} (max_context {manifest.max_context})", refuse=True)
     return Bundle(path.resolve(), manifest)
 
 

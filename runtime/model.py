@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from edge.budget import check_threads
 from edge.errors import BundleError, PromptError
 
 from edge.runtime.bundle import Bundle, check_session_io, open_bundle
@@ -20,7 +21,7 @@ from edge.runtime.tokenizer import Tokenizer, check_text
 
 def session_options(threads: int) -> ort.SessionOptions:
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    so.intra_op_num_threads = check_threads(threads, "threads")  # 0 = onnxruntime's default
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
@@ -135,6 +136,8 @@ class Model:
         pos = cache.length
         if pos >= self.max_context:
             raise PromptError(f"context of {self.max_context} tokens is full")
+        if not isinstance(token, (int, np.integer)) or isinstance(token, bool) or not 0 <= token < self.config.vocab_size:
+            raise PromptError(f"token id must be an integer in [0, {self.config.vocab_size}), got {token!r}")
         sess = self.sessions["decode"]
         feeds = {"input_ids": np.array([[token]], np.int64), "start": np.array([pos], np.int64), **cache.feeds(pos)}
         names = [o.name for o in sess.get_outputs()]
