@@ -40,15 +40,11 @@ def check_graphs_match(m: "Manifest", where: str) -> None:
     C, T = (m.chunk_length, "chunk_length"), (m.max_context, "max_context")
     KV, D = (cfg.num_kv_heads, "model.num_kv_heads"), (cfg.head_dim, "model.head_dim")
     one = (1, "batch")
-    if m.plans.split is not None and m.plans.split.chunk_length != m.chunk_length:
-        raise BundleError(f"{where}: plans.split.chunk_length {m.plans.split.chunk_length} but chunk_length "
-                          f"{m.chunk_length}")
     rows = {"prefill": C, "decode": (1, "one decode token")}
     for key in ("prefill", "decode"):
         spec = m.graphs.get(key)
         if spec is None:
             continue
-        _check_cache_io(spec, key, cfg.num_layers, (T, KV, D), rows[key], where)
         for t in spec.inputs:
             if t.name == "inputs_embeds":
                 _agree(t, (one, C, H), key, "input", where)
@@ -57,11 +53,15 @@ def check_graphs_match(m: "Manifest", where: str) -> None:
         for t in spec.outputs:
             if t.name == "logits":
                 _agree(t, (one, None, V), key, "output", where)
+        _check_cache_io(spec, key, cfg.num_layers, (T, KV, D), rows[key], where)
     embed = m.graphs.get("embed")
     for t in embed.outputs if embed else ():
         if t.name == "inputs_embeds":
             _agree(t, (one, None, H), "embed", "output", where)
     if m.plans.split is not None:
+        if m.plans.split.chunk_length != m.chunk_length:
+            raise BundleError(f"{where}: plans.split.chunk_length {m.plans.split.chunk_length} but chunk_length "
+                              f"{m.chunk_length}")
         _check_split(m, where, one, C, H, V, T, KV, D)
 
 

@@ -142,10 +142,10 @@ def check_tokenizer(tokenizer_json: str, chat_template: str | None, cfg, origin:
         tok = Tokenizer.from_json_text(tokenizer_json, chat_template, origin=origin)
     except EdgeError as e:
         raise ModelSourceError(str(e)) from None
-    size = tok.vocab_size  # added tokens included
-    if size > cfg.vocab_size:
-        raise ModelSourceError(f"{origin}: {size} tokens, but the model's vocab_size is {cfg.vocab_size}: ids "
-                               f"{cfg.vocab_size}..{size - 1} have no embedding row")
+    top = tok.max_token_id
+    if top >= cfg.vocab_size:
+        raise ModelSourceError(f"{origin}: token ids up to {top}, but the model's vocab_size is {cfg.vocab_size}: "
+                               f"ids {cfg.vocab_size}..{top} have no embedding row")
     try:
         ids = tok.encode(ROUND_TRIP, special=False)
         back = tok.decode(ids, skip_special=False)

@@ -71,7 +71,7 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
         cfg = _decoder_config(family, source)
         check_context(options.max_context, "--context", _trained_positions(source))
         check_tokenizer(source.tokenizer_json, source.chat_template, cfg, _origin(source, "tokenizer.json"))
-        weights = family.sanitize(source.weights, cfg)
+        weights = _sanitize(family, source, cfg)
         vision = family.vision(source, cfg) if family.vision else None  # multimodal: image side
     progress.note(f"{family.name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
                   f"{sum(w.size for w in weights.values()) / 1e6:.1f}M parameters")
@@ -163,9 +163,26 @@ def _decoder_config(family, source):
     """The family's config; a value the config record refuses names the file it came from."""
     try:
         return family.config(source.hf_config, source.special_tokens)
+    except ModelSourceError as e:  # families name "config.json": say which one
+        msg, path = str(e), source.identity.get("path")
+        if source.identity.get("kind") == "hf-folder" and path and msg.startswith("config.json"):
+            raise type(e)(f"{Path(path) / 'config.json'}{msg[len('config.json'):]}") from None
+        raise
     except (ValueError, TypeError, ZeroDivisionError) as e:
         raise ModelSourceError(f"{_origin(source, 'config.json' if source.identity.get('kind') != 'gguf' else 'config')}: "
                                f"{e}") from None
+
+
+def _sanitize(family, source, cfg):
+    """The family's weights; a refusal names the source (and, for a GGUF, the metadata key it read)."""
+    try:
+        return family.sanitize(source.weights, cfg)
+    except ModelSourceError as e:
+        msg, path = str(e), source.identity.get("path", "")
+        if source.identity.get("kind") == "gguf":
+            arch = source.hf_config.get("model_type", "llama")
+            msg = msg.replace("config.json num_hidden_layers", f"the GGUF metadata's {arch}.block_count")
+        raise type(e)(f"{path}: {msg}" if path else msg) from None
 
 
 def _trained_positions(source) -> int | None:

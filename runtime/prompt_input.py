@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import BinaryIO
 
+from edge.cli_errors import UsageError
 from edge.errors import PromptError
 
 MAX_PROMPT_BYTES = 64 << 20  # far beyond any context; refused before reading it all
@@ -38,7 +39,7 @@ def _read(stream: BinaryIO) -> bytes:
 def read_prompt(prompt: str | None, prompt_file: str | None, stdin: BinaryIO | None = None) -> str | None:
     """The prompt text, or None when neither flag was given."""
     if prompt is not None and prompt_file is not None:
-        raise PromptError("--prompt and --prompt-file both give a prompt; expected one")
+        raise UsageError("--prompt and --prompt-file both give a prompt; expected one")
     if prompt_file is not None:
         path = Path(prompt_file)
         if path.is_dir():

@@ -169,6 +169,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    @property
+    def max_token_id(self) -> int:
+        """The largest id the tokenizer can produce (added tokens may sit past vocab_size)."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
+
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of ``text``. ``special=True``: control-token text (``<|im_end|>``) becomes the
         control token, as the model's own prompt format needs; ``special=False``: it stays plain text."""

@@ -137,8 +137,11 @@ def load_hf_folder(folder: Path) -> SourceModel:
     if not cfg_path.is_file():
         raise ModelSourceError(f"{folder}: no config.json; expected a Hugging Face model folder")
     cfg = _read_json(cfg_path)
-    if not cfg.get("architectures"):
+    archs = cfg.get("architectures")
+    if not archs:
         raise ModelSourceError(f"{cfg_path}: no 'architectures' entry; cannot tell the model family")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ModelSourceError(f"{cfg_path}: architectures: expected a list of class names, got {archs!r:.80}")
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
         raise ModelSourceError(f"{folder}: no tokenizer.json (a fast tokenizer is required)")
