@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for flag, path in (("--json", args.json_path), ("--plot", args.plot)):
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            check_writable(path, flag)  # before minutes of measuring
+            check_writable(path, flag, make_parents=True)  # before minutes of measuring
     trace_dir = Path(args.plot).parent if args.plot else Path(tempfile.mkdtemp(prefix="edge-bench-traces-"))
     opts = BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=args.repeat,
                         rounds=args.rounds, warmup=args.warmup, threads=args.threads, compare=args.compare,

@@ -143,10 +143,16 @@ def bounded_int(minimum: int | None = None, maximum: int | Callable[[], int] | N
 # ---------------------------------------------------------------- output paths
 
 
-def check_writable(path: str | os.PathLike, what: str) -> Path:
+def check_writable(path: str | os.PathLike, what: str, make_parents: bool = False) -> Path:
     """Prove ``path`` can be written (created or appended to) now, before the work whose result goes
-    there: an error naming ``what`` (the flag) otherwise. A file this creates is removed again."""
+    there: an error naming ``what`` (the flag) otherwise. A file this creates is removed again
+    (folders made for it with ``make_parents`` stay: the result will go there)."""
     p = Path(path)
+    if make_parents:
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EdgeError(f"{what} {p}: cannot create its folder ({e.strerror or e})") from None
     if p.is_dir():
         raise EdgeError(f"{what} {p}: is a folder; expected a file path")
     existed = p.exists()

@@ -3,6 +3,7 @@ inputs/outputs checked against the manifest, all before anything runs."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -43,7 +44,9 @@ def open_bundle(path: str | Path, verify_hashes: bool = True, memory_check: bool
     if memory_check:
         need = estimate_for(manifest.model, manifest.max_context, manifest.chunk_length,
                             sum(r["size"] for r in manifest.files.values()))
-        check_memory(need, f"{path} (max_context {manifest.max_context})", refuse=True)
+        note = check_memory(need, f"{path} (max_context {manifest.max_context})", refuse=True)
+        if note:
+            logging.getLogger("edge").warning(note)  # no handler configured: one plain line on stderr
     return Bundle(path.resolve(), manifest)
 
 

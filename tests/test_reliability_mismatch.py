@@ -323,12 +323,16 @@ def test_manifest_disagreeing_with_its_graphs_is_refused_at_load(zoo, tmp_path, 
         assert w in str(e.value), (w, str(e.value))
 
 
-def test_the_cli_says_it_in_one_line(zoo, tmp_path, capsys):
+@pytest.mark.parametrize("case", LOAD_CASES)
+def test_the_cli_says_it_in_one_line(zoo, tmp_path, capsys, case):
+    change, words = LOAD_CASES[case]
     b = zoo.copy_bundle(tmp_path, context=64)
-    edit_manifest(b, lambda d: d.update(chunk_length=32))
-    rc, out, err = run_main(run_main_cli, [b, "--prompt", "hi"], capsys)
-    error_line(err, "edge-run", 1, rc, "manifest.json", "chunk_length 32")
-    assert out == ""
+    edit_manifest(b, change)
+    before = tree(tmp_path)
+    plan = ["--plan", "split"] if "split" in case else []
+    rc, out, err = run_main(run_main_cli, [b, "--prompt", "hi", *plan], capsys)
+    error_line(err, "edge-run", 1, rc, "manifest.json", *words)
+    assert out == "" and tree(tmp_path) == before
 
 
 def test_errors_name_the_source_file(zoo, tmp_path):
