@@ -24,7 +24,7 @@ from edge.runtime.cli import main as run_cli
 from edge.runtime.eval_cli import main as eval_cli
 from edge.runtime.template_sandbox import TemplateLimitError, compile_template
 from edge.runtime.tokenizer import Tokenizer
-from reliability_helpers import EXPORT_ARGS, error_line, run_main, tree
+from reliability_helpers import error_line, run_main, tree
 
 REPO = Path(__file__).resolve().parent.parent
 TOO_MANY = budget.max_threads() + 1
