@@ -139,7 +139,8 @@ def check_tokenizer(tokenizer_json: str, chat_template: str | None, cfg, origin:
     from edge.runtime.tokenizer import Tokenizer
 
     try:
-        tok = Tokenizer.from_json_text(tokenizer_json, chat_template, origin=origin)
+        tok = Tokenizer.from_json_text(tokenizer_json, chat_template, origin=origin,
+                                       manifest={"model": cfg.to_dict()})  # bos_token/eos_token as at runtime
     except EdgeError as e:
         raise ModelSourceError(str(e)) from None
     top = tok.max_token_id

@@ -131,11 +131,14 @@ class Tokenizer:
 
     @classmethod
     def from_json_text(cls, tokenizer_json: str, chat_template: str | None,
-                       special_tokens: Mapping[str, str] | None = None, origin: str = "tokenizer.json") -> "Tokenizer":
+                       special_tokens: Mapping[str, str] | None = None, origin: str = "tokenizer.json",
+                       manifest: Mapping[str, Any] | None = None) -> "Tokenizer":
         """From the text of a tokenizer.json (a source being exported has no bundle yet); ``origin``
-        names it in errors."""
+        names it in errors; ``manifest`` (a manifest-shaped dict) supplies the special tokens when
+        ``special_tokens`` is None."""
         tok = cls.__new__(cls)
-        tok._load(tokenizer_json, origin, chat_template, special_tokens, {})
+        special = _FROM_MANIFEST if special_tokens is None and manifest is not None else special_tokens
+        tok._load(tokenizer_json, origin, chat_template, special, manifest or {})
         return tok
 
     def _load(self, text: str, origin: str, chat_template: str | None,
