@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edge.budget import max_threads
+from edge.cli_errors import add_debug_flag, bounded_int, cli_boundary, check_writable
 from edge.errors import EdgeError
 
 
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive, default=d.rounds,
                    help="child processes per system and length, interleaved across systems (default %(default)s)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed runs per child (default %(default)s)")
-    p.add_argument("--threads", type=_positive, default=d.threads, help="threads of every system (default %(default)s)")
+    p.add_argument("--threads", type=bounded_int(1, max_threads, " (4 per CPU core)"), default=d.threads,
+                   help="threads of every system (default %(default)s)")
     p.add_argument("--compare", type=_names, default=(), help=f"peers, comma-separated: {','.join(PEERS)}")
     p.add_argument("--plans", type=_names, default=None, help="bundle plans to measure (default: every plan a bundle has)")
     p.add_argument("--accelerator", default=d.accelerator, help="split plans: accelerator lane (auto|none|NAME)")
@@ -68,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", help="write the report as JSON here")
     p.add_argument("--plot", help="write the plot PNG here (+ a Gantt chart per traced split plan beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_debug_flag(p)
     return p
 
 
+@cli_boundary("edge-bench")
 def main(argv: list[str] | None = None) -> int:
     from edge.bench.run import PEERS, BenchOptions, run_bench
     from edge.bench.report import plot, table
@@ -83,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.new_tokens < 0 or args.warmup < 0:
         print("edge-bench: error: --new-tokens and --warmup must be >= 0", file=sys.stderr)
         return 2
+    for flag, path in (("--json", args.json_path), ("--plot", args.plot)):
+        if path:
+            check_writable(path, flag, make_parents=True)  # before minutes of measuring
     trace_dir = Path(args.plot).parent if args.plot else Path(tempfile.mkdtemp(prefix="edge-bench-traces-"))
     opts = BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=args.repeat,
                         rounds=args.rounds, warmup=args.warmup, threads=args.threads, compare=args.compare,

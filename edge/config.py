@@ -38,6 +38,11 @@ class DecoderConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        for name, ids in (("bos_token_id", () if self.bos_token_id is None else (self.bos_token_id,)),
+                          ("eos_token_ids", self.eos_token_ids)):
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise ValueError(f"{name}: expected token ids in [0, {self.vocab_size}) (vocab_size), got {bad}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -75,6 +80,10 @@ class ExportOptions:
             raise ValueError(f"chunk length must be >= 1, got {self.chunk_length}")
         if self.max_context < self.chunk_length:
             raise ValueError(f"max context {self.max_context} is shorter than the chunk length {self.chunk_length}")
+        from edge.budget import MAX_CONTEXT
+
+        if self.max_context > MAX_CONTEXT:
+            raise ValueError(f"--context: expected at most {MAX_CONTEXT} positions (edge's limit), got {self.max_context}")
 
 
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}

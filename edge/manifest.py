@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from edge.budget import MAX_CONTEXT
 from edge.config import DecoderConfig
 from edge.errors import BundleError
 from edge.vision import VisionConfig
@@ -198,6 +199,8 @@ def parse_manifest(data: Any, where: str = MANIFEST_NAME) -> Manifest:
     ctx = _get(data, "max_context", int, where)
     if chunk < 1 or ctx < chunk:
         raise BundleError(f"{where}: chunk_length {chunk} / max_context {ctx} out of range (1 <= chunk <= context)")
+    if ctx > MAX_CONTEXT:
+        raise BundleError(f"{where}.max_context: expected at most {MAX_CONTEXT} positions (edge's limit), got {ctx}")
     model = DecoderConfig.from_dict(_get(data, "model", dict, where), f"{where}.model")
     return Manifest(
         model=model,

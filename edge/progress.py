@@ -8,10 +8,17 @@ from contextlib import contextmanager
 from typing import Iterator, TextIO
 
 
+_STDERR = object()  # the default stream: sys.stderr as it is when writing (not when this module loaded)
+
+
 class Progress:
-    def __init__(self, total_steps: int = 0, stream: TextIO | None = sys.stderr, enabled: bool = True):
-        self.total, self.step, self.stream, self.enabled = total_steps, 0, stream, enabled
+    def __init__(self, total_steps: int = 0, stream: "TextIO | None | object" = _STDERR, enabled: bool = True):
+        self.total, self.step, self._stream, self.enabled = total_steps, 0, stream, enabled
         self.t0 = time.perf_counter()
+
+    @property
+    def stream(self) -> TextIO | None:
+        return sys.stderr if self._stream is _STDERR else self._stream  # type: ignore[return-value]
 
     def _write(self, text: str, end: str = "\n") -> None:
         if self.enabled and self.stream is not None:

@@ -3,6 +3,11 @@
 An export killed at any moment leaves either the previous bundle or nothing at the target path,
 plus at worst a hidden ``.<name>.tmp-<pid>-*`` folder that the next export removes.
 
+Only a target edge wrote is replaced (export/target.py: the ``.edge-bundle`` marker, nothing in it
+the manifest does not list, not holding the model being exported); the replaced bundle's listed
+files are removed one by one, never a whole tree. A working folder starts with the marker, so a
+stale one is recognisably edge's. The new bundle folder gets the umask's permissions.
+
 Several exports may write the same target at once (two processes, two threads): each builds in its
 own working folder (``tempfile.mkdtemp``: pid + random suffix), which it holds an exclusive
 ``flock`` on from creation to removal, so the stale-folder cleanup of another export only removes
@@ -21,9 +26,13 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
-from edge.manifest import MANIFEST_NAME, fsync_dir
+from edge.errors import EdgeError
+from edge.manifest import fsync_dir
+
+from edge.export.target import (check_target, follow_umask, looks_written_by_edge, remove_bundle, warn_kept,
+                                 write_marker)
 
 try:
     import fcntl
@@ -70,11 +79,27 @@ def _clean_stale(target: Path) -> None:
             continue  # removed meanwhile (its owner finished) or unreadable: not ours to touch
         try:
             if _try_lock(fd):  # held until removed: its owner cannot be mid-start (see _working_folder)
-                shutil.rmtree(stale, ignore_errors=True)
+                _remove_stale(stale)
         except OSError:
             pass
         finally:
             os.close(fd)
+
+
+def _remove_stale(stale: Path) -> None:
+    """A dead export's folder: a working folder (``.tmp-``) is edge's when it starts with the marker
+    (or is still empty) and goes whole; a swap folder (``.old-``) holds a replaced bundle, of which
+    only the listed files go."""
+    if ".old-" in stale.name:
+        inner = stale / "bundle"
+        if inner.is_dir() and not inner.is_symlink():
+            remove_bundle(inner)
+        try:
+            stale.rmdir()
+        except OSError:
+            pass
+    elif looks_written_by_edge(stale):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _owned_folder(target: Path, kind: str) -> tuple[Path, int | None]:
@@ -120,12 +145,6 @@ def _swap_lock(parent: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _check_target(target: Path) -> None:
-    if target.exists() and not (target / MANIFEST_NAME).is_file():
-        if not target.is_dir() or any(target.iterdir()):
-            raise FileExistsError(f"{target}: exists and is not an edge bundle; refusing to overwrite it")
-
-
 def _swap(tmp: Path, target: Path) -> None:
     """Move ``target`` (if any) into a hidden ``.old-`` folder, then ``tmp`` to ``target`` and remove
     the old one; if the second rename fails, put the old bundle back."""
@@ -147,33 +166,56 @@ def _swap(tmp: Path, target: Path) -> None:
         done = True
     finally:
         if old is not None and (done or not (old / "bundle").exists()):
-            shutil.rmtree(old, ignore_errors=True)  # the replaced bundle (never one put back)
+            _discard_replaced(old, target)  # the replaced bundle (never one put back)
         if old_fd is not None:
             os.close(old_fd)
 
 
-def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
+def _discard_replaced(old: Path, target: Path) -> None:
+    kept = remove_bundle(old / "bundle") if (old / "bundle").is_dir() else []
+    try:
+        old.rmdir()
+    except OSError:
+        warn_kept(old / "bundle", kept)
+
+
+class BundleWriteError(EdgeError, OSError):
+    """The file system refused the bundle (full, read-only, permissions); the target is unchanged."""
+
+
+def write_atomically(target: Path, fill: Callable[[Path], None], sources: Sequence[str | os.PathLike] = ()) -> Path:
     """``fill(tmp_dir)`` writes every file (the manifest last); then the folder replaces ``target``.
+    ``sources``: the files/folders being exported, which the target must not contain.
 
     Concurrent calls for the same target (threads or processes) are safe: each builds its own
     bundle; they are swapped in one at a time and the last one to finish stays."""
     target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _check_target(target)
-    _clean_stale(target)
-    tmp, tmp_fd = _owned_folder(target, "tmp")
+    check_target(target, sources)
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(target)
+        tmp, tmp_fd = _owned_folder(target, "tmp")
+    except OSError as e:
+        raise BundleWriteError(f"{target}: cannot write the bundle here ({e.strerror or e})") from None
+    try:
+        write_marker(tmp)  # first: a stale working folder is then recognisably edge's
         fill(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
+        follow_umask(tmp)
         with _swap_lock(target.parent):
-            _check_target(target)  # again: something else may have been put there meanwhile
+            check_target(target, sources)  # again: something else may have been put there meanwhile
             _swap(tmp, target)
             fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already if it became the bundle
+        if isinstance(e, OSError) and not isinstance(e, EdgeError):
+            where = f" at {e.filename}" if e.filename else ""
+            raise BundleWriteError(f"{target}: writing the bundle failed{where}: {e.strerror or e}; the previous "
+                                   f"contents of {target.name} are unchanged") from None
         raise
     finally:
         if tmp_fd is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edge.budget import MAX_CONTEXT
+from edge.cli_errors import add_debug_flag, bounded_int, cli_boundary
 from edge.config import ExportOptions
 from edge.errors import EdgeError
 from edge.progress import Progress
@@ -19,20 +21,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a Hugging Face folder, a GGUF file or a built-in alias (smollm2-135m) to an edge bundle.")
     p.add_argument("model", help="HF model folder, .gguf file, or alias (smollm2-135m)")
     p.add_argument("-o", "--output", required=True, help="bundle folder to write (replaced atomically)")
-    p.add_argument("--chunk", type=int, default=ExportOptions.chunk_length, help="prefill chunk length (tokens)")
-    p.add_argument("--context", type=int, default=ExportOptions.max_context, help="max context (KV cache positions)")
+    p.add_argument("--chunk", type=bounded_int(1, MAX_CONTEXT), default=ExportOptions.chunk_length,
+                   help="prefill chunk length (tokens)")
+    p.add_argument("--context", type=bounded_int(1, MAX_CONTEXT), default=ExportOptions.max_context,
+                   help=f"max context (KV cache positions; at most the model's max_position_embeddings and "
+                        f"{MAX_CONTEXT})")
     p.add_argument("--plans", default="cpu,fused,split",
                    help="plans to emit, comma-separated: cpu (one fused-kernel graph for prompt and decode, "
                         "for boards without an accelerator; --plans cpu alone makes the smallest bundle), fused "
                         "(static-shape chunk graphs, W8A8) and split (fused's per-layer subgraphs for a CPU + "
                         "accelerator pair; needs fused). The runtime picks cpu without an accelerator")
     p.add_argument("--kv-cache", choices=("fp32", "fp16"), default="fp32",
-                   help="the CPU plan's KV cache: fp32, or fp16 (half the memory; accuracy in docs/quantization.md)")
+                   help="the CPU plan's KV cache: fp32, or fp16 (half the memory; accuracy in docs/cpu_plan.md)")
     p.add_argument("--vision-weights", choices=VISION_WEIGHTS, default=None,
                    help="vision-language models: the vision graph's linears, int8 (weights per output channel, run "
                         "by onnxruntime as 8-bit MatMulNBits; default when --quant is w8a8*) or fp32 (default "
                         "otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_debug_flag(p)
     quant_options.add_arguments(p)
     return p
 
@@ -48,8 +54,10 @@ def _multimodal(model: str) -> bool:
         return False  # unsupported: export_model says so
 
 
+@cli_boundary("edge-export")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from edge.cli_errors import UsageError
     from edge.export.pipeline import calibrates, export_model, measures, steps
 
     args.quant = quant_options.resolve_scheme(args.quant, _multimodal(args.model))
@@ -60,16 +68,14 @@ def main(argv: list[str] | None = None) -> int:
                                 kv_cache=args.kv_cache)
         quant, calib, accuracy = quant_options.from_args(args)
     except (ValueError, EdgeError) as e:
-        print(f"edge-export: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     progress = Progress(total_steps=steps(calibrates(quant, options), measured=measures(quant, accuracy, options)),
                         enabled=not args.quiet)
     try:
         manifest = export_model(args.model, args.output, options, progress, quant=quant, calibration=calib,
                                 accuracy=accuracy)
-    except (EdgeError, FileExistsError) as e:
-        print(f"edge-export: error: {e}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:  # write_atomically removed its working folder; the target was not touched
+        raise KeyboardInterrupt(f"interrupted (Ctrl-C); {args.output} is unchanged (no bundle was written)") from None
     if not args.quiet:
         size = sum(r["size"] for r in manifest.files.values())
         print(f"wrote {args.output}: {len(manifest.graphs)} graphs, {size / 1e6:.1f} MB, "

@@ -16,10 +16,14 @@ import edge
 from edge.config import DecoderConfig, ExportOptions
 from edge.manifest import FORMAT_VERSION, MANIFEST_NAME, GraphSpec, Manifest, TensorSpec, file_record
 from edge.plans import CpuPlan, Plans
+from edge.budget import check_context, check_memory, estimate_for
+from edge.errors import ModelSourceError
 from edge.progress import Progress
 from edge.vision import VisionConfig
 
 from edge.export.bundle_writer import write_atomically
+from edge.export.checks import check_tokenizer
+from edge.export.target import check_target, check_writable_parent
 from edge.export.families import Family, family_for
 from edge.export.graph.cpu_decoder import CpuDecoderGraph
 from edge.export.graph.builder import WeightStore, io_specs
@@ -86,17 +90,18 @@ def steps(quantized: bool, calibrated: bool = False, measured: bool = False) -> 
 
 
 def load(model: str | Path, options: ExportOptions, progress: Progress) -> Loaded:
+    """Read the source and check it: config values, every expected tensor at its shape, the
+    tokenizer round trip, the context against the trained positions (export/checks.py)."""
     with progress.stage(f"loading {model}"):
         source = load_source(model)
         family = family_for(source.architecture)
-        cfg = family.config(source.hf_config, source.special_tokens)
-        weights = family.sanitize(source.weights, cfg)
+        cfg = _decoder_config(family, source)
+        check_context(options.max_context, "--context", _trained_positions(source))
+        check_tokenizer(source.tokenizer_json, source.chat_template, cfg, _origin(source, "tokenizer.json"))
+        weights = _sanitize(family, source, cfg)
         vision = family.vision(source, cfg) if family.vision else None  # multimodal: image side
     progress.note(f"{family.name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
                   f"{sum(w.size for w in weights.values()) / 1e6:.1f}M parameters")
-    if options.max_context > source.hf_config.get("max_position_embeddings", options.max_context):
-        progress.note(f"warning: context {options.max_context} exceeds the model's trained "
-                      f"{source.hf_config['max_position_embeddings']} positions")
     return Loaded(source, family, cfg, weights, vision)
 
 
@@ -216,9 +221,19 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
     quant = quant or FLOAT
     progress = progress or Progress(total_steps=steps(calibrates(quant, options), calibrated is not None,
                                                       measures(quant, accuracy, options)))
+    out = Path(out)
+    # the target first (before minutes of work): edge's to replace, not holding the model, writable
+    check_target(out, [model] if Path(model).exists() else [])
+    check_writable_parent(out)
     loaded = load(model, options, progress)
+    check_target(out, source_paths(model, loaded.source))  # an alias's file too
     quantized = quantize(loaded, options, quant, calibration, progress, calibrated)
     built = build_graphs(loaded, options, quant, quantized, progress)
+    need = estimate_for(loaded.cfg, options.max_context, options.chunk_length, built.store.nbytes)
+    progress.note(f"running the bundle needs {need.describe()}")
+    warning = check_memory(need, f"bundle {out.name}", refuse=False)
+    if warning:
+        progress.note(warning)  # the bundle may be meant for a larger machine: the runtime refuses then
     written: list[Manifest] = []
 
     def fill(folder: Path) -> None:
@@ -228,5 +243,53 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
             manifest = verify(folder, manifest, loaded, options, quant, quantized, accuracy, progress)
         written.append(manifest)
 
-    write_atomically(Path(out), fill)
+    write_atomically(out, fill, source_paths(model, loaded.source))
     return written[0]
+
+
+def source_paths(model: str | Path, source) -> list[Path]:
+    """The files/folders an export reads (a target must not contain them)."""
+    paths = [Path(model)] if Path(model).exists() else []
+    if isinstance(source.identity.get("path"), str):
+        paths.append(Path(source.identity["path"]))
+    return paths
+
+
+def _origin(source, name: str) -> str:
+    path = source.identity.get("path", "")
+    if source.identity.get("kind") == "gguf":
+        return f"{path}: GGUF metadata ({name} rebuilt from it)" if name != "config" else f"{path}: GGUF metadata"
+    return f"{Path(path) / name}" if path else name
+
+
+def _decoder_config(family, source):
+    """The family's config; a value the config record refuses names the file it came from."""
+    try:
+        return family.config(source.hf_config, source.special_tokens)
+    except ModelSourceError as e:  # families name "config.json": say which one
+        msg, path = str(e), source.identity.get("path")
+        if source.identity.get("kind") == "hf-folder" and path and msg.startswith("config.json"):
+            raise type(e)(f"{Path(path) / 'config.json'}{msg[len('config.json'):]}") from None
+        raise
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise ModelSourceError(f"{_origin(source, 'config.json' if source.identity.get('kind') != 'gguf' else 'config')}: "
+                               f"{e}") from None
+
+
+def _sanitize(family, source, cfg):
+    """The family's weights; a refusal names the source (and, for a GGUF, the metadata key it read)."""
+    try:
+        return family.sanitize(source.weights, cfg)
+    except ModelSourceError as e:
+        msg, path = str(e), source.identity.get("path", "")
+        if source.identity.get("kind") == "gguf":
+            arch = source.hf_config.get("model_type", "llama")
+            msg = msg.replace("config.json num_hidden_layers", f"the GGUF metadata's {arch}.block_count")
+        raise type(e)(f"{path}: {msg}" if path else msg) from None
+
+
+def _trained_positions(source) -> int | None:
+    cfg = source.hf_config
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    value = cfg.get("max_position_embeddings", text.get("max_position_embeddings"))
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None

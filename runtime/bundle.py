@@ -3,13 +3,16 @@ inputs/outputs checked against the manifest, all before anything runs."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import onnxruntime as ort
 
+from edge.budget import check_memory, estimate_for
 from edge.errors import BundleError
-from edge.manifest import GraphSpec, Manifest, read_manifest, safe_relative, verify_files
+from edge.manifest import MANIFEST_NAME, GraphSpec, Manifest, read_manifest, safe_relative, verify_files
+from edge.manifest_checks import check_graphs_match
 
 from edge.runtime.onnx_refs import external_data_refs
 
@@ -24,13 +27,22 @@ class Bundle:
         return self.path / name
 
 
-def open_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
+def open_bundle(path: str | Path, verify_hashes: bool = True, memory_check: bool = True) -> Bundle:
+    """``memory_check``: refuse a bundle whose estimated memory need (weights + KV cache at its
+    max_context + activations, edge/budget.py) exceeds the memory available here."""
     path = Path(path)
     manifest = read_manifest(path)
     # every plan's graphs are checked present when the manifest is read (edge.plans)
+    check_graphs_match(manifest, str(path / MANIFEST_NAME))  # chunk length, heads, cache shapes vs the graphs
     verify_files(path, manifest, check_hashes=verify_hashes)
     for key, spec in manifest.graphs.items():
         check_external_data(path, key, spec, manifest)
+    if memory_check:
+        need = estimate_for(manifest.model, manifest.max_context, manifest.chunk_length,
+                            sum(r["size"] for r in manifest.files.values()))
+        note = check_memory(need, f"{path} (max_context {manifest.max_context})", refuse=True)
+        if note:
+            logging.getLogger("edge").warning(note)  # no handler configured: one plain line on stderr
     return Bundle(path.resolve(), manifest)
 
 

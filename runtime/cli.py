@@ -7,13 +7,18 @@ import argparse
 import sys
 import time
 
+from edge.budget import max_threads
+from edge.cli_errors import add_debug_flag, bounded_int, check_writable, cli_boundary
 from edge.errors import EdgeError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-run", description="Generate text with an edge bundle.")
     p.add_argument("bundle", nargs="?", help="bundle folder written by edge-export")
-    p.add_argument("--prompt", help="prompt text (wrapped in the chat template unless --raw); without it, a chat")
+    p.add_argument("--prompt", help="prompt text (wrapped in the chat template unless --raw); - reads it from "
+                                    "standard input; without --prompt/--prompt-file, a chat")
+    p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 text file (for prompts longer "
+                                                          "than the command line allows)")
     p.add_argument("-i", "--interactive", action="store_true", help="chat on the terminal (the default without --prompt)")
     p.add_argument("--system", metavar="TEXT", help="chat: the system message")
     p.add_argument("--overflow", choices=("refuse", "drop_oldest"), default="refuse",
@@ -27,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=None, metavar="PATH",
                    help="an image for a vision bundle (repeatable); <image> in the prompt marks where each goes, "
                         "else the images come first")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = default)")
+    p.add_argument("--threads", type=bounded_int(0, max_threads, " (4 per CPU core)"), default=0,
+                   help="onnxruntime threads (0 = default)")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks at load (sizes still checked)")
     p.add_argument("--stats", action="store_true", help="print timing to stderr at the end")
     g = p.add_argument_group("prefill plan and devices")
@@ -39,14 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accelerator", default="auto", metavar="NAME|none|auto",
                    help="accelerator lane of the split plan (see --devices); auto: the best real one, else a second "
                         "CPU lane; none: CPU lane only; a missing NAME is an error")
-    g.add_argument("--lane-threads", type=int, default=1, help="onnxruntime threads of each CPU-backed lane")
+    g.add_argument("--lane-threads", type=bounded_int(1, max_threads, " (4 per CPU core)"), default=1,
+                   help="onnxruntime threads of each CPU-backed lane")
     g.add_argument("--trace", metavar="FILE", help="write the prompt prefill's task trace (Chrome trace JSON; "
                    "implies --plan split)")
     g.add_argument("--gantt", metavar="PNG", help="write a Gantt chart of the prompt prefill (needs matplotlib; "
                    "implies --plan split)")
+    add_debug_flag(p)
     return p
 
 
+@cli_boundary("edge-run")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -57,13 +66,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.bundle:
         parser.error("BUNDLE is required (or --devices)")
-    chat = args.interactive or args.prompt is None
-    if chat and (args.prompt is not None or args.raw or args.image):
-        parser.error("-i (chat) takes no --prompt, --raw or --image")
+    chat = args.interactive or (args.prompt is None and args.prompt_file is None)
+    if chat and (args.prompt is not None or args.prompt_file is not None or args.raw or args.image):
+        parser.error("-i (chat) takes no --prompt, --prompt-file, --raw or --image")
     if (args.trace or args.gantt) and args.plan is None:
         args.plan = "split"
     if (args.trace or args.gantt) and args.plan != "split":
         parser.error("--trace/--gantt record the split plan's tasks: use --plan split")
+    from edge.runtime.prompt_input import read_prompt
+
+    if not chat:
+        args.prompt = read_prompt(args.prompt, args.prompt_file)
+    for flag, path in (("--trace", args.trace), ("--gantt", args.gantt)):
+        if path:
+            check_writable(path, flag)  # now, not after the generation
     from edge.runtime.model import Model
     from edge.runtime.sampling import SamplingParams
 

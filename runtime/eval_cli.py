@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from edge.budget import MAX_CONTEXT, max_threads
+from edge.cli_errors import UsageError, add_debug_flag, bounded_int, cli_boundary
 from edge.errors import EdgeError
 from edge.progress import Progress
 
@@ -25,35 +27,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "/usr/share/common-licenses): a domain the calibration never saw")
     p.add_argument("--plan", choices=("cpu", "fused", "split"), default=None,
                    help="the prefill plan to measure (default: the one the runtime picks here)")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens to predict")
-    p.add_argument("--window", type=int, default=1024, help="window (fresh context) length in tokens")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--tokens", type=bounded_int(1), default=4096, help="tokens to predict (>= 1)")
+    p.add_argument("--window", type=bounded_int(2, MAX_CONTEXT), default=1024,
+                   help="window (fresh context) length in tokens (>= 2; at most the bundle's context)")
+    p.add_argument("--threads", type=bounded_int(0, max_threads, " (4 per CPU core)"), default=0,
+                   help="onnxruntime threads (0 = default)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (key 'perplexity')")
+    add_debug_flag(p)
     return p
 
 
+@cli_boundary("edge-eval")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from edge.runtime.model import Model
     from edge.runtime.perplexity import bundle_perplexity, default_text, heldout_text, license_text
 
     progress = Progress(enabled=not args.json)
-    try:
-        if args.heldout + args.licenses + (args.text is not None) > 1:
-            raise EdgeError("--heldout, --licenses and --text name different texts; give one")
-        if args.text is None:
-            text = heldout_text() if args.heldout else license_text() if args.licenses else default_text()
-        else:
-            try:
-                text = args.text.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise EdgeError(f"{args.text}: cannot read as UTF-8 text ({e})") from None
-        model = Model.load(args.bundle, threads=args.threads, plan=args.plan)
-        result = bundle_perplexity(model, text, tokens=args.tokens, window=args.window,
-                                   progress=lambda d, t: progress.bar(d, t, "windows"))
-    except EdgeError as e:
-        print(f"edge-eval: error: {e}", file=sys.stderr)
-        return 1
+    if args.heldout + args.licenses + (args.text is not None) > 1:
+        raise UsageError("--heldout, --licenses and --text name different texts; give one")
+    if args.text is None:
+        text = heldout_text() if args.heldout else license_text() if args.licenses else default_text()
+    else:
+        try:
+            text = args.text.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgeError(f"{args.text}: cannot read as UTF-8 text ({e})") from None
+    model = Model.load(args.bundle, threads=args.threads, plan=args.plan)
+    result = bundle_perplexity(model, text, tokens=args.tokens, window=args.window,
+                               progress=lambda d, t: progress.bar(d, t, "windows"))
     recorded = _recorded(model, "licenses" if args.licenses else "pydoc-heldout") if args.heldout or args.licenses else None
     if args.json:
         print(json.dumps({"bundle": str(args.bundle), "plan": model.plan, **result.to_dict(),

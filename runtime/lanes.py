@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 
 import onnxruntime as ort
 
+from edge.budget import check_threads
 from edge.errors import DeviceError
 
 from edge.runtime.sessions import open_session, session_options
@@ -187,6 +188,8 @@ def make_lanes(accelerator: str = "auto", cpu_threads: int = 1, accel_threads: i
                shared: "SharedWeights | None" = None) -> dict[str, Lane]:
     """{"cpu": Lane[, "accel": Lane]}; CPU-backed lanes with equal thread counts share sessions, and
     all CPU-backed lanes read ``shared`` weights (the model's) if given."""
+    check_threads(cpu_threads, "lane_threads", minimum=1)
+    check_threads(accel_threads, "lane_threads", minimum=1)
     pool: dict = {}
     lanes = {"cpu": Lane("cpu", CPU, cpu_threads, pool, shared)}
     device = choose_accelerator(accelerator)

@@ -106,6 +106,8 @@ class Model:
         pos = cache.length
         if pos >= self.max_context:
             raise PromptError(f"context of {self.max_context} tokens is full")
+        if not isinstance(token, (int, np.integer)) or isinstance(token, bool) or not 0 <= token < self.config.vocab_size:
+            raise PromptError(f"token id must be an integer in [0, {self.config.vocab_size}), got {token!r}")
         if self.cpu is not None:
             return self.cpu.decode_step(self.embed([token]), cache)
         sess = self.sessions["decode"]

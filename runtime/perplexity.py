@@ -105,7 +105,11 @@ def perplexity(logits_fn: Callable[[list[int]], np.ndarray], ids: Sequence[int],
 def bundle_perplexity(model, text: str, tokens: int = 4096, window: int | None = None,
                       progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
     """Perplexity of a loaded runtime Model: each window is one fresh prefill (chunked as exported)."""
-    window = min(window or 1024, model.max_context)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise PromptError(f"tokens: expected an integer >= 1 (tokens to predict), got {tokens!r}")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 2):
+        raise PromptError(f"perplexity window must be >= 2 tokens, got {window!r}")
+    window = min(1024 if window is None else window, model.max_context)
     ids = model.tokenizer.encode(text)
 
     def logits_fn(w: list[int]) -> np.ndarray:

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import onnxruntime as ort
 
+from edge.budget import check_threads
 from edge.errors import BundleError
 from edge.manifest import GraphSpec
 
@@ -18,7 +19,7 @@ def session_options(threads: int, arena: bool = True) -> ort.SessionOptions:
     """``threads`` 0 = onnxruntime's default (one per core); ``arena=False`` where many small
     sessions would each keep their own peak (the split plan's lanes)."""
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    so.intra_op_num_threads = check_threads(threads, "threads")  # 0 = onnxruntime's default
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3

@@ -14,19 +14,23 @@ from edge.errors import BundleError, PromptError
 
 
 def _compile_template(source: str):
+    """The bundle's chat template, compiled in edge's bounded sandbox (runtime/template_sandbox.py:
+    attribute access as jinja2's immutable sandbox allows, and bounds on time, work and size)."""
     import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from edge.runtime.template_sandbox import compile_template
 
     def raise_exception(message):
         raise PromptError(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    def configure(env) -> None:
+        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
+                                                                                     ensure_ascii=ensure_ascii)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+
     try:
-        return env.from_string(source)
+        return compile_template(source, configure)
     except jinja2.TemplateError as e:
         raise BundleError(f"chat template does not compile: {e}") from None
 
@@ -127,10 +131,14 @@ class Tokenizer:
 
     @classmethod
     def from_json_text(cls, tokenizer_json: str, chat_template: str | None,
-                       special_tokens: Mapping[str, str] | None = None) -> "Tokenizer":
-        """From the text of a tokenizer.json (a source being exported has no bundle yet)."""
+                       special_tokens: Mapping[str, str] | None = None, origin: str = "tokenizer.json",
+                       manifest: Mapping[str, Any] | None = None) -> "Tokenizer":
+        """From the text of a tokenizer.json (a source being exported has no bundle yet); ``origin``
+        names it in errors; ``manifest`` (a manifest-shaped dict) supplies the special tokens when
+        ``special_tokens`` is None."""
         tok = cls.__new__(cls)
-        tok._load(tokenizer_json, "tokenizer.json", chat_template, special_tokens, {})
+        special = _FROM_MANIFEST if special_tokens is None and manifest is not None else special_tokens
+        tok._load(tokenizer_json, origin, chat_template, special, manifest or {})
         return tok
 
     def _load(self, text: str, origin: str, chat_template: str | None,
@@ -163,6 +171,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest id the tokenizer can produce (added tokens may sit past vocab_size)."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of ``text``. ``special=True``: control-token text (``<|im_end|>``) becomes the
@@ -258,6 +271,8 @@ class Tokenizer:
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except jinja2.TemplateError as e:
             raise PromptError(f"chat template failed on these messages: {e}") from None
+        except (TypeError, ValueError, ArithmeticError, LookupError) as e:  # the template's own bugs
+            raise PromptError(f"chat template failed on these messages: {type(e).__name__}: {e}") from None
 
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)

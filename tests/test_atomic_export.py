@@ -37,14 +37,23 @@ def leftovers(out) -> list[str]:
 def test_export_replaces_existing_bundle(zoo, tmp_path):
     out = tmp_path / "bundle"
     export(zoo, "llama", out)
-    (out / "stale-extra-file.txt").write_text("from the old bundle")
     export(zoo, "qwen2", out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["architecture"] == "Qwen2ForCausalLM"
-    assert not (out / "stale-extra-file.txt").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], "manifest.json"])
     assert leftovers(out) == []
     assert Model.load(out).config.attention_bias
+
+
+def test_export_refuses_a_bundle_holding_a_file_edge_did_not_write(zoo, tmp_path):
+    """A file someone put into a bundle folder is not edge's to delete: the export is refused, naming it."""
+    out = tmp_path / "bundle"
+    export(zoo, "llama", out)
+    (out / "my-notes.txt").write_text("mine")
+    before = snapshot(out)
+    with pytest.raises(FileExistsError, match="holds files edge did not write: my-notes.txt"):
+        export(zoo, "qwen2", out)
+    assert snapshot(out) == before and leftovers(out) == []
 
 
 def test_export_into_empty_folder(zoo, tmp_path):
@@ -147,6 +156,7 @@ def test_killed_export_keeps_previous_bundle_and_next_export_cleans_up(zoo, tmp_
     script = tmp_path / "killed.py"
     script.write_text(KILLED)
     r = subprocess.run([sys.executable, str(script), str(zoo.folder("qwen2")), str(out)], cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)},  # this checkout's edge, not an installed one
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 9, r.stderr
     assert snapshot(out) == before

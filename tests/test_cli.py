@@ -144,7 +144,7 @@ def test_cli_failures(exported, cli, zoo, tmp_path):
         (("edge.runtime.cli", out, "--prompt", "hi", "--top-p", "0"), ["top_p"]),
         (("edge.export.cli", tmp_path / "no-model", "-o", tmp_path / "o1"), ["edge-export: error:", "no such file"]),
         (("edge.export.cli", zoo.folder("llama"), "-o", not_a_bundle), ["not an edge bundle", "refusing to overwrite"]),
-        (("edge.export.cli", zoo.folder("llama"), "-o", tmp_path / "o2", "--chunk", "0"), ["chunk length"]),
+        (("edge.export.cli", zoo.folder("llama"), "-o", tmp_path / "o2", "--chunk", "0"), ["argument --chunk", ">= 1"]),
         (("edge.export.cli", zoo.folder("llama"), "-o", tmp_path / "o3", "--chunk", "64", "--context", "32"),
          ["max context 32", "chunk length 64"]),
         (("edge.runtime.eval_cli", out, "--perplexity", "--text", missing_text), ["edge-eval: error:", "missing.txt"]),

@@ -127,18 +127,26 @@ def test_damaged_vision_manifest_is_refused(vlm, tmp_path, damage):
     ("act", "hidden_act 'quick_gelu' is not supported"),
     ("seq_len", "image_seq_len 99 but the model makes 16 tokens per tile"),
     ("tile", "differs from the encoder's image_size"),
-    ("no_vision_weights", "vision tensors missing"),
+    ("no_vision_weights", r"weights \(vision\): 16 tensors missing"),
+    ("vision_heads", r"vision_config: hidden_size \d+ is not a multiple of num_attention_heads 7"),
+    ("vision_layers", r"vision_config.num_hidden_layers is 1 but the weights hold 2 layers"),
+    ("patch_zero", r"vision_config: patch_size: expected an integer >= 1, got int 0"),
+    ("vision_intermediate", r"weights \(vision\): \d+ tensors have the wrong shape .*fc1"),
 ])
 def test_unsupported_vlm_folders_are_refused_at_export(vlm, tmp_path, damage, words):
     import shutil
 
-    from edge.errors import UnsupportedModelError
+    from edge.errors import ModelSourceError
 
     folder = tmp_path / "hf"
     shutil.copytree(vlm.folder, folder)
     edit = {"act": ("config.json", lambda c: c["vision_config"].update(hidden_act="quick_gelu")),
             "seq_len": ("processor_config.json", lambda c: c.update(image_seq_len=99)),
             "tile": ("preprocessor_config.json", lambda c: c.update(max_image_size={"longest_edge": 64})),
+            "vision_heads": ("config.json", lambda c: c["vision_config"].update(num_attention_heads=7)),
+            "vision_layers": ("config.json", lambda c: c["vision_config"].update(num_hidden_layers=1)),
+            "patch_zero": ("config.json", lambda c: c["vision_config"].update(patch_size=0)),
+            "vision_intermediate": ("config.json", lambda c: c["vision_config"].update(intermediate_size=8)),
             "no_vision_weights": None}[damage]
     if edit is None:
         from safetensors.numpy import load_file, save_file
@@ -151,7 +159,7 @@ def test_unsupported_vlm_folders_are_refused_at_export(vlm, tmp_path, damage, wo
         cfg = json.loads(path.read_text())
         edit[1](cfg)
         path.write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match=words):
+    with pytest.raises(ModelSourceError, match=words):  # UnsupportedModelError or ConfigError
         export_model(folder, tmp_path / "b", ExportOptions(chunk_length=24, max_context=CONTEXT), Progress(enabled=False))
 
 

@@ -26,6 +26,7 @@ from edge.config import DecoderConfig
 from edge.errors import UnsupportedModelError
 from edge.vision import VisionConfig
 
+from edge.export.checks import ConfigError, cfg_int, check_tensors
 from edge.export.families import Family, llama, register
 
 if TYPE_CHECKING:
@@ -65,25 +66,27 @@ def idefics3_config(cfg: dict[str, Any], special: dict[str, Any]) -> DecoderConf
         if e not in eos:
             eos.append(e)
     special = {**special, "eos_token_ids": eos, "bos_token_id": special.get("bos_token_id", text.get("bos_token_id"))}
-    try:
-        return llama.decoder_config(text, special)
-    except KeyError as e:
-        raise UnsupportedModelError(f"config.json: text_config.{e.args[0]} missing") from None
+    return llama.decoder_config(text, special, where="config.json text_config")
 
 
 def sanitize(weights: Mapping[str, np.ndarray], cfg: DecoderConfig) -> dict[str, np.ndarray]:
     """Text weights renamed to the LLaMA layout (and checked by it); vision + connector as they are."""
-    text, other = {}, {}
+    text, other, unknown = {}, {}, []
     for name, w in weights.items():
         if name.startswith(TEXT_PREFIX):
             text["model." + name[len(TEXT_PREFIX):]] = w
         elif name.startswith("lm_head."):
             text[name] = w
         elif name.startswith((VISION_PREFIX, "model.connector.")):
-            other[name] = np.asarray(w, dtype=np.float32)
+            other[name] = np.asarray(w, dtype=np.float32)  # checked against the vision config in vision_config
+        else:
+            unknown.append(name)
     if not text:
         raise UnsupportedModelError(f"weights: no {TEXT_PREFIX}* tensors; not an Idefics3/SmolVLM checkpoint")
-    out = llama.sanitize(text, cfg)
+    if unknown:
+        raise UnsupportedModelError(f"weights: {len(unknown)} tensors an Idefics3/SmolVLM model does not use: "
+                                    f"{', '.join(sorted(unknown)[:4])}; refusing to export a model without them")
+    out = llama.sanitize(text, cfg, where=f"weights ({TEXT_PREFIX}*)")
     out.update(other)
     return out
 
@@ -99,6 +102,26 @@ def vision_weight_names(num_layers: int) -> list[str]:
                                           "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                           "self_attn.out_proj") for k in ("weight", "bias")]
     return names
+
+
+def vision_weight_shapes(layers: int, hidden: int, intermediate: int, channels: int, patch: int, image_size: int,
+                         scale: int, text_hidden: int) -> dict[str, tuple[int, ...]]:
+    """The SigLIP encoder + connector tensors and the shapes the vision config implies."""
+    p, H, I = VISION_PREFIX, hidden, intermediate
+    shapes = {p + "embeddings.patch_embedding.weight": (H, channels, patch, patch),
+              p + "embeddings.patch_embedding.bias": (H,),
+              p + "embeddings.position_embedding.weight": ((image_size // patch) ** 2, H),
+              p + "post_layernorm.weight": (H,), p + "post_layernorm.bias": (H,),
+              CONNECTOR_WEIGHT: (text_hidden, H * scale * scale)}
+    per = {"layer_norm1": (H,), "layer_norm2": (H,), "mlp.fc1": (I, H), "mlp.fc2": (H, I),
+           "self_attn.q_proj": (H, H), "self_attn.k_proj": (H, H), "self_attn.v_proj": (H, H),
+           "self_attn.out_proj": (H, H)}
+    for i in range(layers):
+        q = f"{p}encoder.layers.{i}."
+        for n, shape in per.items():
+            shapes[q + n + ".weight"] = shape
+            shapes[q + n + ".bias"] = (shape[0],)
+    return shapes
 
 
 def _edge(d: Any, name: str, default: int) -> int:
@@ -128,13 +151,17 @@ def vision_config(source: "SourceModel", dcfg: DecoderConfig) -> VisionConfig:
     tok = json.loads(source.tokenizer_json)
     vocab = dict(tok.get("model", {}).get("vocab") or {})
     vocab.update({t["content"]: t["id"] for t in tok.get("added_tokens", [])})
-    try:
-        image_size, patch = int(v["image_size"]), int(v["patch_size"])
-        hidden, layers = int(v["hidden_size"]), int(v["num_hidden_layers"])
-        intermediate, heads = int(v["intermediate_size"]), int(v["num_attention_heads"])
-    except KeyError as e:
-        raise UnsupportedModelError(f"config.json: vision_config.{e.args[0]} missing") from None
-    scale = int(cfg.get("scale_factor", 2))
+    where = "config.json vision_config"
+    image_size, patch = cfg_int(v, "image_size", where), cfg_int(v, "patch_size", where)
+    hidden, layers = cfg_int(v, "hidden_size", where), cfg_int(v, "num_hidden_layers", where)
+    intermediate, heads = cfg_int(v, "intermediate_size", where), cfg_int(v, "num_attention_heads", where)
+    channels = cfg_int(v, "num_channels", where, default=3)
+    scale = cfg_int(cfg, "scale_factor", "config.json", default=2)
+    if hidden % heads:
+        raise ConfigError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    if image_size % patch or (image_size // patch) % scale:
+        raise ConfigError(f"{where}: image_size {image_size} / patch_size {patch} must be a whole number of "
+                          f"patches, divisible by config.json scale_factor {scale}")
     side = image_size // patch
     tokens = (side // scale) ** 2 if scale else 0
     seq_len = proc.get("image_seq_len", tokens)
@@ -149,17 +176,13 @@ def vision_config(source: "SourceModel", dcfg: DecoderConfig) -> VisionConfig:
     for i in range(1, 7):  # the processor's row/column markers; absent ones would tokenize as text
         for j in range(1, 7):
             _token_id(vocab, f"<row_{i}_col_{j}>")
-    missing = [n for n in vision_weight_names(layers) if n not in source.weights]
-    if missing:
-        raise UnsupportedModelError(f"weights: {len(missing)} vision tensors missing, e.g. {missing[:3]}")
-    proj = source.weights[CONNECTOR_WEIGHT]
-    if tuple(proj.shape) != (dcfg.hidden_size, hidden * scale * scale):
-        raise UnsupportedModelError(f"weights: {CONNECTOR_WEIGHT} has shape {tuple(proj.shape)}, expected "
-                                    f"({dcfg.hidden_size}, {hidden * scale * scale})")
+    expected = vision_weight_shapes(layers, hidden, intermediate, channels, patch, image_size, scale, dcfg.hidden_size)
+    held = {n: w for n, w in source.weights.items() if n.startswith((VISION_PREFIX, "model.connector."))}
+    check_tensors(expected, held, "weights (vision)", layers, layers_field="config.json vision_config.num_hidden_layers")
     try:
         return VisionConfig(
             architecture=cfg["architectures"][0], image_size=image_size, patch_size=patch,
-            num_channels=int(v.get("num_channels", 3)), hidden_size=hidden, intermediate_size=intermediate,
+            num_channels=channels, hidden_size=hidden, intermediate_size=intermediate,
             num_layers=layers, num_heads=heads, layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)), hidden_act=act,
             scale_factor=scale, text_hidden_size=dcfg.hidden_size, tokens_per_tile=tokens, tile_batch=TILE_BATCH,
             do_convert_rgb=bool(pre.get("do_convert_rgb", True)), do_resize=bool(pre.get("do_resize", True)),

@@ -17,6 +17,7 @@ import numpy as np
 
 from edge.errors import ModelSourceError, UnsupportedModelError
 
+from edge.export.checks import ConfigError, cfg_float, cfg_int
 from edge.export.sources import ALIASES, SourceModel
 
 HF_ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
@@ -85,31 +86,46 @@ def _need(meta: dict[str, Any], key: str, path: Path) -> Any:
 
 
 def _config(meta: dict[str, Any], arch: str, path: Path, tied: bool, vocab: int) -> dict[str, Any]:
-    def k(name):
-        return _need(meta, f"{arch}.{name}", path)
+    """config.json fields from the metadata, each typed and range-checked (export/checks.py) under
+    its GGUF key, so a corrupt or crafted file is one message naming the key."""
+    where = f"{path}: GGUF metadata"
 
-    hidden, heads = int(k("embedding_length")), int(k("attention.head_count"))
+    def k(name, **kw):
+        return cfg_int(meta, f"{arch}.{name}", where, **kw)
+
+    hidden, heads = k("embedding_length"), k("attention.head_count")
     kv = meta.get(f"{arch}.attention.head_count_kv", heads)
-    if not isinstance(kv, int):  # per-layer list: hybrid models, not a dense decoder
+    if isinstance(kv, (list, tuple)):  # per-layer list: hybrid models, not a dense decoder
         raise UnsupportedModelError(f"{path}: per-layer KV head counts are not supported")
-    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
-    rope_dim = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    kv = k("attention.head_count_kv", default=heads)
+    if heads % kv:
+        raise ConfigError(f"{where}: {arch}.attention.head_count_kv: expected a divisor of head_count {heads}, "
+                          f"got {kv}")
+    if meta.get(f"{arch}.attention.key_length") is None and hidden % heads:
+        raise ConfigError(f"{where}: {arch}.embedding_length {hidden} is not a multiple of "
+                          f"{arch}.attention.head_count {heads}")
+    head_dim = k("attention.key_length", default=hidden // heads)
+    rope_dim = k("rope.dimension_count", default=head_dim)
     if rope_dim != head_dim:
         raise UnsupportedModelError(f"{path}: partial RoPE ({rope_dim} of {head_dim} dims) is not supported")
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
         raise UnsupportedModelError(f"{path}: RoPE scaling {scaling!r} is not supported (only plain RoPE)")
+    vocab = k("vocab_size", default=vocab if vocab >= 1 else None)
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        if meta.get(key) is not None and not 0 <= cfg_int(meta, key, where, minimum=0) < vocab:
+            raise ConfigError(f"{where}: {key}: expected an id in [0, {vocab}) (the vocabulary), got {meta[key]}")
     cls, model_type = HF_ARCH[arch]
     cfg = {
         "architectures": [cls], "model_type": model_type, "hidden_act": "silu",
-        "hidden_size": hidden, "intermediate_size": int(k("feed_forward_length")),
-        "num_hidden_layers": int(k("block_count")), "num_attention_heads": heads,
-        "num_key_value_heads": int(kv), "head_dim": head_dim,
+        "hidden_size": hidden, "intermediate_size": k("feed_forward_length"),
+        "num_hidden_layers": k("block_count"), "num_attention_heads": heads,
+        "num_key_value_heads": kv, "head_dim": head_dim,
         # explicit: transformers 4.57 silently defaults to 10000 when it is absent
-        "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-        "rms_norm_eps": float(k("attention.layer_norm_rms_epsilon")),
-        "vocab_size": int(meta.get(f"{arch}.vocab_size", vocab)),
-        "max_position_embeddings": int(k("context_length")),
+        "rope_theta": cfg_float(meta, f"{arch}.rope.freq_base", where, default=10000.0),
+        "rms_norm_eps": cfg_float(meta, f"{arch}.attention.layer_norm_rms_epsilon", where),
+        "vocab_size": vocab,
+        "max_position_embeddings": k("context_length"),
         "tie_word_embeddings": tied,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
@@ -147,7 +163,13 @@ def _weights(reader, arch: str, cfg: dict[str, Any], path: Path) -> tuple[dict[s
         if fmt is not None and len(shape) == 2:
             blocks[name] = fmt(np.asarray(t.data), shape[0])
         if arch == "llama" and t.name.split(".")[-2] in ("attn_q", "attn_k"):
-            heads = cfg["num_attention_heads" if ".attn_q." in t.name else "num_key_value_heads"]
+            key = "num_attention_heads" if ".attn_q." in t.name else "num_key_value_heads"
+            heads = cfg[key]
+            if w.shape[0] != heads * cfg["head_dim"]:
+                raise UnsupportedModelError(
+                    f"{path}: tensor {t.name!r} has {w.shape[0]} rows, but the metadata's "
+                    f"{'head_count' if key == 'num_attention_heads' else 'head_count_kv'} {heads} x head size "
+                    f"{cfg['head_dim']} make {heads * cfg['head_dim']}")
             w = unpermute_qk(w, heads)
             if name in blocks:
                 blocks[name] = blocks[name].rows(unpermute_qk(np.arange(shape[0]), heads))

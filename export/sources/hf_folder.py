@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -19,16 +19,35 @@ EXTRA_CONFIGS = ("preprocessor_config.json", "processor_config.json", "generatio
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object (every JSON file of an HF folder is one); anything else names the file."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ModelSourceError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelSourceError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _shard_name(name: Any, index: Path) -> str:
+    """A shard named by the index: a plain relative name inside the model folder (an index naming
+    /etc/passwd or ../other/model.safetensors is refused, not opened)."""
+    p = PurePosixPath(name) if isinstance(name, str) else None
+    if (p is None or not name or p.is_absolute() or ".." in p.parts or "\\" in name or ":" in name
+            or any(ord(c) < 32 for c in name)):
+        raise ModelSourceError(f"{index}: weight_map: expected shard file names inside the model folder, got "
+                               f"{name!r:.120}")
+    return name
 
 
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelSourceError(f"{index}: weight_map: expected an object of tensor names to shard files, got "
+                                   f"{type(weight_map).__name__}")
+        shards = sorted({_shard_name(s, index) for s in weight_map.values()})
         files = [folder / s for s in shards]
     else:
         files = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else sorted(
@@ -118,14 +137,20 @@ def load_hf_folder(folder: Path) -> SourceModel:
     if not cfg_path.is_file():
         raise ModelSourceError(f"{folder}: no config.json; expected a Hugging Face model folder")
     cfg = _read_json(cfg_path)
-    if not cfg.get("architectures"):
+    archs = cfg.get("architectures")
+    if not archs:
         raise ModelSourceError(f"{cfg_path}: no 'architectures' entry; cannot tell the model family")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ModelSourceError(f"{cfg_path}: architectures: expected a list of class names, got {archs!r:.80}")
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
         raise ModelSourceError(f"{folder}: no tokenizer.json (a fast tokenizer is required)")
+    _read_json(tok_path)  # a JSON object, or a message naming the file
     tokenizer_json = tok_path.read_text(encoding="utf-8")
     tok_cfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-    vocab = {t["content"]: t["id"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
+    added = json.loads(tokenizer_json).get("added_tokens") or []
+    vocab = {t["content"]: t["id"] for t in added if isinstance(t, dict) and isinstance(t.get("content"), str)
+             and isinstance(t.get("id"), int)} if isinstance(added, list) else {}
     files = weight_files(folder)
     h = hashlib.sha256(cfg_path.read_bytes())
     for f in files:
