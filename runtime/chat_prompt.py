@@ -31,7 +31,7 @@ class Prompt:
     ids: tuple[int, ...]
     keys: tuple[Hashable, ...]
     images: tuple = ()  # LoadedImage, in prompt order
-    plans: tuple = ()   # their TilePlans
+    plans: tuple = ()   # their TileGrids
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -131,7 +131,7 @@ def chat_prompt(model: "Model", messages: Any, add_generation_prompt: bool = Tru
 
 
 def _vision_prompt(model: "Model", parsed, n_images: int, add_generation_prompt: bool) -> Prompt:
-    from edge.runtime.image import load_image, plan_tiles
+    from edge.runtime.image import load_image, tile_grid
     from edge.runtime.vision import _expand
 
     if n_images > MAX_IMAGES:
@@ -166,7 +166,7 @@ def _vision_prompt(model: "Model", parsed, n_images: int, add_generation_prompt:
     else:
         raise PromptError("the bundle's chat template does not render these messages (text or image tokens missing "
                           "from its output)")
-    plans = [plan_tiles(*im.size, cfg) for im in images]
+    plans = [tile_grid(*im.size, cfg) for im in images]
     ids = tok.encode_pieces(_expand(pieces, plans, cfg))
     n_rows = sum(p.tiles for p in plans) * cfg.tokens_per_tile
     positions = np.flatnonzero(np.asarray(ids) == cfg.image_token_id)

@@ -35,7 +35,8 @@ def deep_bundle(root: Path) -> Path:
         from edge.export.pipeline import export_model
         from edge.progress import Progress
 
-        folder = make_tiny(root / "hf-deep", family="llama", seed=1, init_std=INIT_STD, layers=DEEP_LAYERS)
+        folder = make_tiny(root / "hf-deep", family="llama", seed=1, init_std=INIT_STD, layers=DEEP_LAYERS,
+                           max_positions=DEEP_CONTEXT)
         out = root / "deep"
         export_model(folder, out, ExportOptions(chunk_length=16, max_context=DEEP_CONTEXT, plans=("fused",)),
                      Progress(enabled=False))

@@ -402,7 +402,7 @@ def test_tied_w8a8_decode_head_fused_and_close_to_float(tied_w8a8_bundle, zoo, t
     """Decode steps of a tied W8A8 bundle (int8 weight-only decode, the table's int8 rows as the
     output projection) against the float bundle's decode steps on the same tokens."""
     from edge.runtime import Model
-    from edge.runtime.model import session_options
+    from edge.runtime.sessions import session_options
 
     so = session_options(1)
     so.optimized_model_filepath = str(tmp_path / "decode_opt.onnx")

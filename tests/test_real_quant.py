@@ -51,7 +51,7 @@ def test_quantized_smollm2_decode_head_is_fused(w8a8, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from edge.runtime.model import session_options
+    from edge.runtime.sessions import session_options
 
     out, _ = w8a8
     so = session_options(2)

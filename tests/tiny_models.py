@@ -36,7 +36,7 @@ def byte_level_tokenizer(vocab_size: int) -> Tokenizer:
 
 
 def make_tiny(folder: Path, family: str = "llama", seed: int = 0, vocab_size: int = 300, layers: int = 2,
-              tie: bool = False, init_std: float | None = None) -> Path:
+              tie: bool = False, init_std: float | None = None, max_positions: int = 512) -> Path:
     """Write a random HF model folder (config, safetensors, tokenizer) for `family` llama|qwen2.
 
     ``init_std`` sets the config's initializer_range (transformers' default 0.02 gives logits that
@@ -45,7 +45,7 @@ def make_tiny(folder: Path, family: str = "llama", seed: int = 0, vocab_size: in
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions, rope_theta=10000.0,
                   rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=2)
     if init_std is not None:
         common["initializer_range"] = init_std
