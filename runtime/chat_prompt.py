@@ -18,7 +18,7 @@ import numpy as np
 
 from edge.errors import ImageError, PromptError
 
-from edge.runtime.tokenizer import CHAT_ROLES, check_text
+from edge.runtime.tokenizer import check_message_list, check_role, check_text
 
 if TYPE_CHECKING:
     from edge.runtime.model import Model
@@ -89,14 +89,9 @@ def split_image_markers(text: str, images: Sequence[Any], image_token: str) -> l
 
 def _parts(messages: Any) -> list[tuple[str, list[tuple[str, Any]]]]:
     """(role, [("text", str) | ("image", obj)]) per message, every field checked."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise PromptError("messages must be a non-empty list of {'role': ..., 'content': ...}")
     out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise PromptError(f"messages[{i}] must be a dict with a str 'role' and 'content'")
-        if m["role"] not in CHAT_ROLES:
-            raise PromptError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m['role']!r:.40}")
+    for i, m in enumerate(check_message_list(messages)):
+        check_role(i, m)
         content = m.get("content")
         if isinstance(content, str):
             out.append((m["role"], [("text", check_text(content, f"messages[{i}].content"))]))

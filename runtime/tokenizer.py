@@ -99,6 +99,21 @@ def _sibling_manifest(tokenizer_json: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def check_message_list(messages: Any) -> list | tuple:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise PromptError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    return messages
+
+
+def check_role(i: int, m: Any) -> str:
+    """messages[i] is a dict whose 'role' is a chat role; returns the role."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise PromptError(f"messages[{i}] must be a dict with a str 'role' and 'content'")
+    if m["role"] not in CHAT_ROLES:
+        raise PromptError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m['role']!r:.40}")
+    return m["role"]
+
+
 def check_text(text: object, what: str = "prompt") -> str:
     """A str that is valid Unicode (no lone surrogates, which is how Python carries undecodable
     input bytes, e.g. from a command line with invalid UTF-8)."""
@@ -244,14 +259,9 @@ class Tokenizer:
         return ids
 
     def _check_messages(self, messages) -> list[dict[str, str]]:
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise PromptError("messages must be a non-empty list of {'role': ..., 'content': ...}")
         out = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise PromptError(f"messages[{i}] must be a dict with a str 'role' and 'content'")
-            if m["role"] not in CHAT_ROLES:
-                raise PromptError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m['role']!r:.40}")
+        for i, m in enumerate(check_message_list(messages)):
+            check_role(i, m)
             check_text(m.get("content"), f"messages[{i}].content")
             out.append(m)
         return out
