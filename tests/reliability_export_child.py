@@ -127,6 +127,9 @@ def sweep(previous: str, root: str, template: list[str]) -> list[dict]:
 
 
 def main() -> int:
+    # a user's Ctrl-C: a shell that started the test run in the background (nohup ... &) makes its
+    # children ignore SIGINT, and Python then installs no KeyboardInterrupt handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     mode, *rest = sys.argv[1:]
     if mode == "run":
         STATE.update(sleep=float(os.environ.get("EDGE_STEP_SLEEP", "0")), print=True,

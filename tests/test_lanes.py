@@ -253,7 +253,7 @@ def test_real_smollm2_split_tokens_match_fused(tmp_path_factory, scheme):
     quant = QuantOptions(prefill="w8a8", decode="int8") if scheme == "w8a8" else None
     export_model("smollm2-135m", out, ExportOptions(chunk_length=128, max_context=512), Progress(enabled=False),
                  quant=quant, calibration=CalibrationSpec(tokens=4096, window=512), accuracy=AccuracySpec(enabled=False))
-    fused = Model.load(out, threads=2, verify_hashes=False)
+    fused = Model.load(out, threads=2, verify_hashes=False, plan="fused")
     split = Model.load(out, plan="split", accelerator="cpu", verify_hashes=False)
     from pydoc_data.topics import topics
 
