@@ -36,14 +36,20 @@ def _typename(v: Any) -> str:
     return type(v).__name__
 
 
-def cfg_int(d: Mapping[str, Any], key: str, where: str, default: Any = _MISSING, minimum: int = 1) -> int:
-    """``d[key]`` as an integer >= minimum (``default`` when absent or null, if given)."""
+def _value(d: Mapping[str, Any], key: str, where: str, default: Any, expected: str) -> Any:
+    """``d[key]``, or ``default`` when absent or null (an error without one); _MISSING never returns."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"{where}: expected a JSON object, got {_typename(d)}")
     v = d.get(key)
+    if v is None and default is _MISSING:
+        raise ConfigError(f"{where}: {key}: missing (expected {expected})")
+    return v
+
+
+def cfg_int(d: Mapping[str, Any], key: str, where: str, default: Any = _MISSING, minimum: int = 1) -> int:
+    """``d[key]`` as an integer >= minimum (``default`` when absent or null, if given)."""
+    v = _value(d, key, where, default, f"an integer >= {minimum}")
     if v is None:
-        if default is _MISSING:
-            raise ConfigError(f"{where}: {key}: missing (expected an integer >= {minimum})")
         return default
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
         raise ConfigError(f"{where}: {key}: expected an integer >= {minimum}, got {_typename(v)} {v!r:.60}")
@@ -52,12 +58,8 @@ def cfg_int(d: Mapping[str, Any], key: str, where: str, default: Any = _MISSING,
 
 def cfg_float(d: Mapping[str, Any], key: str, where: str, default: Any = _MISSING) -> float:
     """``d[key]`` as a finite number > 0 (epsilons, RoPE bases)."""
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{where}: expected a JSON object, got {_typename(d)}")
-    v = d.get(key)
+    v = _value(d, key, where, default, "a number > 0")
     if v is None:
-        if default is _MISSING:
-            raise ConfigError(f"{where}: {key}: missing (expected a number > 0)")
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not 0 < v < math.inf:
         raise ConfigError(f"{where}: {key}: expected a finite number > 0, got {_typename(v)} {v!r:.60}")

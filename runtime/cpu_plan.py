@@ -2,7 +2,7 @@
 decode steps, its KV cache bound in place.
 
 The cache is one [1, kv_heads, max_context, head_dim] buffer per layer and kind, allocated once per
-generation (np.zeros: pages are only made resident as rows are written, so memory follows the
+generation (``lazy_zeros``: pages become resident as rows are written, so memory follows the
 context actually used). Each buffer is wrapped as an OrtValue without a copy and bound as BOTH the
 past_* input and the present_* output: GroupQueryAttention then appends the new rows in place.
 Per call only the small inputs are rebound (embeddings, logits rows, the two lengths).
@@ -36,7 +36,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 class CpuCache:
-    """keys/values [layers, kv_heads, max_context, head_dim]; rows [0, length) valid. Setting
+    """keys/values [layers, 1, kv_heads, max_context, head_dim]; rows [0, length) valid. Setting
     ``length`` lower rolls the cache back (rows beyond it are overwritten by the next call)."""
 
     def __init__(self, cfg: DecoderConfig, max_context: int, dtype=np.float32):
@@ -109,9 +109,11 @@ class CpuPlan:
         for off in range(0, n, self.chunk):
             part = embeds[:, off:off + self.chunk]
             k = part.shape[1]
-            rows = np.arange(k) if all_logits else np.array([k - 1], np.int64)  # (one row: cheap)
+            last = off + k == n
+            # no logits before the last call: the head would read the whole token table for nothing
+            rows = np.arange(k) if all_logits else np.array([k - 1] if last else [], np.int64)
             logits = self.run(part, cache, rows)
-            if all_logits or off + k == n:
+            if all_logits or last:
                 out.append(logits)
         return np.concatenate(out, 0) if all_logits else out[-1][-1]
 

@@ -106,6 +106,13 @@ def write_tiny(path, weights, arch="llama", permute=True, extra=None, tok_model=
     w.add_chat_template(CHAT)
     for k, v in (extra or {}).items():
         w.add_string(k, v)
+    write_tensors(w, weights, permute)
+    return path
+
+
+def write_tensors(w, weights: dict, permute: bool = True) -> None:
+    """Add HF-named weights to a GGUFWriter (Q/K rows permuted as llama.cpp's converter does) and
+    write the file."""
     for name, t in weights.items():
         if permute and ".q_proj." in name:
             t = llama_permute(t, HEADS)
@@ -116,7 +123,6 @@ def write_tiny(path, weights, arch="llama", permute=True, extra=None, tok_model=
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
 
 
 # ---------------------------------------------------------------- synthetic GGUF

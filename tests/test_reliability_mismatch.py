@@ -195,8 +195,7 @@ def test_a_good_sharded_index_still_loads(zoo, tmp_path):
 
 def write_gguf(path: Path, overrides: dict, layers_in_tensors: int | None = None) -> Path:
     """tests/test_gguf.py's tiny GGUF with metadata values replaced (None: left out)."""
-    from test_gguf import CHAT, FFN, H, HEADS, KV, LAYERS, MERGES, SPECIAL, _vocab, hf_weights, llama_permute, \
-        to_gguf_name
+    from test_gguf import CHAT, FFN, H, HEADS, KV, LAYERS, MERGES, SPECIAL, _vocab, hf_weights, write_tensors
 
     tokens = _vocab()
     meta = {"llama.block_count": LAYERS, "llama.context_length": 128, "llama.embedding_length": H,
@@ -222,18 +221,10 @@ def write_gguf(path: Path, overrides: dict, layers_in_tensors: int | None = None
     w.add_token_merges(MERGES)
     w.add_chat_template(CHAT)
     weights = hf_weights(tied=True, bias=False)
-    for name, t in weights.items():
-        if ".layers." in name and layers_in_tensors is not None and int(name.split(".")[2]) >= layers_in_tensors:
-            continue
-        if ".q_proj." in name:
-            t = llama_permute(t, HEADS)
-        elif ".k_proj." in name:
-            t = llama_permute(t, KV)
-        w.add_tensor(to_gguf_name(name), np.ascontiguousarray(t))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    if layers_in_tensors is not None:
+        weights = {name: t for name, t in weights.items()
+                   if ".layers." not in name or int(name.split(".")[2]) < layers_in_tensors}
+    write_tensors(w, weights)
     return path
 
 

@@ -91,9 +91,7 @@ class CpuDecoderGraph:
     def linear(self, g: GraphBuilder, x: str, name: str, parts: list[str], kind: str | None = None) -> str:
         """One linear over the stacked rows of ``parts`` (HF names without .weight)."""
         w = np.concatenate([self.w[p + ".weight"] for p in parts]) if len(parts) > 1 else self.w[parts[0] + ".weight"]
-        have = [self.blocks.get(p + ".weight") for p in parts]
-        blocks = Blocks.concat(have) if all(b is not None for b in have) and \
-            len({(b.bits, b.offset is None) for b in have}) == 1 else None
+        blocks = Blocks.stack([self.blocks.get(p + ".weight") for p in parts])
         y = CPU_LINEARS[kind or self.linears](g, x, name, w, blocks)
         biases = [self.w.get(p + ".bias") for p in parts]
         if any(b is not None for b in biases):

@@ -47,10 +47,11 @@ class Blocks:
         return Blocks(self.q[index], self.scale[index], self.zero[index], pick(self.offset), self.bits)
 
     @staticmethod
-    def concat(parts: list["Blocks"]) -> "Blocks":
-        """Output rows stacked (q|k|v, gate|up): one MatMulNBits for a packed projection."""
-        if len({p.bits for p in parts}) != 1 or len({p.offset is None for p in parts}) != 1:
-            raise ValueError("cannot stack blocks of different forms")
+    def stack(parts: "list[Blocks | None]") -> "Blocks | None":
+        """Output rows stacked (q|k|v, gate|up): one MatMulNBits for a packed projection; None when
+        a part has no blocks or the parts differ in form (the caller rounds the float weight)."""
+        if any(p is None for p in parts) or len({(p.bits, p.offset is None) for p in parts}) != 1:
+            return None
         cat = lambda f: np.concatenate([getattr(p, f) for p in parts])  # noqa: E731
         return Blocks(cat("q"), cat("scale"), cat("zero"), None if parts[0].offset is None else cat("offset"),
                       parts[0].bits)

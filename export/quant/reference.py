@@ -20,27 +20,27 @@ _RANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127),
           np.dtype(np.uint16): (0, 65535), np.dtype(np.int16): (-32768, 32767)}
 
 
+def _along(scale, zero_point, ndim: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point as arrays, a 1-D pair reshaped to broadcast along ``axis`` (ONNX's per-axis form)."""
+    scale, zp = np.asarray(scale, np.float32), np.asarray(zero_point, np.int64)
+    if axis is not None and scale.ndim == 1:
+        shape = [1] * ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return scale, zp
+
+
 def quantize(x: np.ndarray, scale, zero_point, dtype, axis: int | None = None) -> np.ndarray:
     """ONNX QuantizeLinear: per tensor (scalar scale) or per axis (1-D scale along ``axis``)."""
     dtype = np.dtype(dtype)
     lo, hi = _RANGE[dtype]
-    scale = np.asarray(scale, np.float32)
-    zp = np.asarray(zero_point, np.int64)
-    if axis is not None and scale.ndim == 1:
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    scale, zp = _along(scale, zero_point, x.ndim, axis)
     q = np.rint(np.asarray(x, np.float32) / scale)  # np.rint rounds half to even, as ONNX does
     return np.clip(q + zp, lo, hi).astype(dtype)
 
 
 def dequantize(q: np.ndarray, scale, zero_point, axis: int | None = None) -> np.ndarray:
-    scale = np.asarray(scale, np.float32)
-    zp = np.asarray(zero_point, np.int64)
-    if axis is not None and scale.ndim == 1:
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    scale, zp = _along(scale, zero_point, q.ndim, axis)
     return ((q.astype(np.int64) - zp).astype(np.float32) * scale).astype(np.float32)
 
 
