@@ -81,16 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.output}: {len(manifest.graphs)} graphs, {size / 1e6:.1f} MB, "
               f"in {progress.elapsed():.1f}s", file=sys.stderr)
         acc = manifest.quantization.get("accuracy") or {}
-        if "float" in acc:
-            dec = acc.get("decode_weights")
-            print(f"held-out perplexity (fused/split plans): float {acc['float']:.3f}, quantized prefill "
-                  f"{acc['quantized']:.3f} ({acc['change_percent']:+.2f}%)" +
-                  (f", decode weights {dec['scheme']} {dec['perplexity']:.3f} ({dec['change_percent']:+.2f}%)"
-                   if dec else ""), file=sys.stderr)
-        for text, r in acc.get("cpu", {}).items():
-            print(f"perplexity, cpu plan, {text}: " + (f"skipped ({r['skipped']})" if "skipped" in r else
-                  f"float {r['float']:.3f}, {manifest.plans.cpu.linears} {r['quantized']:.3f} ({r['change_percent']:+.2f}%)"),
-                  file=sys.stderr)
+        kinds = {"fused": f"{manifest.quantization.get('prefill')} (fused/split plans)",
+                 "cpu": f"{manifest.plans.cpu.linears if manifest.plans.cpu else ''} (cpu plan)"}
+        for plan, label in kinds.items():
+            for text, r in acc.get(plan, {}).items():
+                print(f"perplexity, {label}, {text}: " + (f"skipped ({r['skipped']})" if "skipped" in r else
+                      f"float {r['float']:.3f}, quantized {r['quantized']:.3f} ({r['change_percent']:+.2f}%)"),
+                      file=sys.stderr)
+        if dec := acc.get("decode_weights"):
+            print(f"perplexity, decode weights {dec['scheme']}, {dec['text']}: {dec['perplexity']:.3f} "
+                  f"({dec['change_percent']:+.2f}%)", file=sys.stderr)
     return 0
 
 

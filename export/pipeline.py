@@ -30,7 +30,7 @@ from edge.export.graph.builder import WeightStore, io_specs
 from edge.export.graph.split import build_split
 from edge.export.graph.vision import build_vision_graph
 from edge.export.quant.recipe import (CPU_CHUNK, FLOAT, AccuracySpec, CalibrationSpec, calibrate_and_plan, cpu_record,
-                                      decoders, measure)
+                                      decode_accuracy, decoders)
 from edge.export.quant.accuracy import texts_accuracy
 from edge.export.quant.plan import QuantOptions, QuantPlan
 from edge.export.quant.vision import vision_linear
@@ -112,7 +112,8 @@ def quantize(m: Loaded, options: ExportOptions, quant: QuantOptions, calibration
         return Quantized()
     plan, cal = calibrate_and_plan(m.cfg, m.weights, m.source.tokenizer_json, m.source.chat_template, options, quant,
                                 calibration, progress, calibrated)
-    return Quantized(plan, {"text": calibration.label, "tokens": cal.tokens, "window": calibration.window})
+    return Quantized(plan, {"text": calibration.label, "tokens": cal.tokens, "window": calibration.window,
+                            "domains": cal.domains})
 
 
 def build_graphs(m: Loaded, options: ExportOptions, quant: QuantOptions, q: Quantized, progress: Progress) -> Built:
@@ -131,7 +132,7 @@ def build_graphs(m: Loaded, options: ExportOptions, quant: QuantOptions, q: Quan
             record["cpu"] = cpu_record(quant.cpu, m.source.blocks)
         split_plan = None
         if "fused" in options.plans:
-            parts = decoders(m.cfg, m.weights, store, options.max_context, quant, q.plan)
+            parts = decoders(m.cfg, m.weights, store, options.max_context, quant, q.plan, m.source.blocks)
             graphs.update({
                 "embed": (parts.embed(), "embed.onnx", "embed"),
                 "prefill": (parts.prefill.build("prefill", options.chunk_length, "past_len", logits_rows=True),
@@ -183,14 +184,21 @@ def verify(folder: Path, manifest: Manifest, m: Loaded, options: ExportOptions, 
     """The bundle as written, loaded by the runtime plan by plan and measured against float
     (perplexity, stored in the manifest), before it replaces the target."""
     from edge.runtime.model import Model
+    from edge.runtime.perplexity import heldout_text
 
     rec: dict[str, Any] = {}
-    reference: dict[str, float] = {}  # float perplexity per text, measured once
-    with progress.stage("measuring perplexity (bundle vs float)"):
-        if _fused_quantized(quant, options):
-            rec = measure(m.cfg, m.weights, Model.load(folder, verify_hashes=False, plan="fused"), quant, q.plan,
-                          options.chunk_length, accuracy, progress)
-            reference["pydoc-heldout"] = rec["float"]
+    reference: dict[str, float] = {}  # float perplexity per text, measured once for every plan
+    with progress.stage("measuring perplexity (bundle vs float, per text)"):
+        if _fused_quantized(quant, options):  # the split plan runs these very linears
+            fused = Model.load(folder, verify_hashes=False, plan="fused")
+            rec["fused"] = texts_accuracy(m.cfg, m.weights, fused, options.chunk_length, accuracy.tokens,
+                                          accuracy.window, progress, reference, f"fused plan ({quant.prefill})")
+            if quant.decode != "fp32":
+                window = min(accuracy.window, fused.max_context)
+                rec["decode_weights"] = decode_accuracy(
+                    m.cfg, m.weights, fused.tokenizer.encode(heldout_text()), quant, q.plan, options.chunk_length,
+                    dataclasses.replace(accuracy, window=window), reference["pydoc-heldout"], progress,
+                    m.source.blocks)
         if "cpu" in options.plans and quant.cpu != "fp32":
             rec["cpu"] = texts_accuracy(m.cfg, m.weights, Model.load(folder, verify_hashes=False, plan="cpu"),
                                         options.chunk_length, accuracy.tokens, accuracy.window, progress, reference,

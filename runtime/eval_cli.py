@@ -8,23 +8,27 @@ import sys
 from pathlib import Path
 
 from edge.budget import MAX_CONTEXT, max_threads
-from edge.cli_errors import UsageError, add_debug_flag, bounded_int, cli_boundary
+from edge.cli_errors import add_debug_flag, bounded_int, cli_boundary
 from edge.errors import EdgeError
 from edge.progress import Progress
+from edge.runtime.perplexity import EVAL_TEXTS
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-eval", description="Measure a bundle's accuracy.")
     p.add_argument("bundle")
     p.add_argument("--perplexity", action="store_true", required=True, help="perplexity over a text")
-    p.add_argument("--text", type=Path, default=None,
-                   help="UTF-8 text file (default: Python's pydoc_data.topics text)")
-    p.add_argument("--heldout", action="store_true",
-                   help="the held-out second half of the default text: what edge-export's accuracy report "
-                        "measured (use --tokens as recorded in the manifest, 8192 by default)")
-    p.add_argument("--licenses", action="store_true",
-                   help="the license texts of the export's accuracy report (GPL-3 + Apache-2.0 + MPL-2.0 from "
-                        "/usr/share/common-licenses): a domain the calibration never saw")
+    texts = p.add_mutually_exclusive_group()
+    texts.add_argument("--text", type=Path, default=None,
+                       help="UTF-8 text file (default: Python's pydoc_data.topics text)")
+    texts.add_argument("--eval-text", choices=tuple(EVAL_TEXTS), default=None,
+                       help="one of the texts edge-export's accuracy report measured, e.g. licenses (GPL-3 + "
+                            "Apache-2.0 + MPL-2.0) or changelog (dpkg's): use --tokens as recorded in the "
+                            "manifest, 8192 by default; prints the recorded figure beside")
+    texts.add_argument("--heldout", dest="eval_text", action="store_const", const="pydoc-heldout",
+                       help="= --eval-text pydoc-heldout (the second half of the default text)")
+    texts.add_argument("--licenses", dest="eval_text", action="store_const", const="licenses",
+                       help="= --eval-text licenses")
     p.add_argument("--plan", choices=("cpu", "fused", "split"), default=None,
                    help="the prefill plan to measure (default: the one the runtime picks here)")
     p.add_argument("--tokens", type=bounded_int(1), default=4096, help="tokens to predict (>= 1)")
@@ -41,13 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from edge.runtime.model import Model
-    from edge.runtime.perplexity import bundle_perplexity, default_text, heldout_text, license_text
+    from edge.runtime.perplexity import bundle_perplexity, default_text
 
     progress = Progress(enabled=not args.json)
-    if args.heldout + args.licenses + (args.text is not None) > 1:
-        raise UsageError("--heldout, --licenses and --text name different texts; give one")
     if args.text is None:
-        text = heldout_text() if args.heldout else license_text() if args.licenses else default_text()
+        text = EVAL_TEXTS[args.eval_text][1]() if args.eval_text else default_text()
     else:
         try:
             text = args.text.read_text(encoding="utf-8")
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     model = Model.load(args.bundle, threads=args.threads, plan=args.plan)
     result = bundle_perplexity(model, text, tokens=args.tokens, window=args.window,
                                progress=lambda d, t: progress.bar(d, t, "windows"))
-    recorded = _recorded(model, "licenses" if args.licenses else "pydoc-heldout") if args.heldout or args.licenses else None
+    recorded = _recorded(model, args.eval_text) if args.eval_text else None
     if args.json:
         print(json.dumps({"bundle": str(args.bundle), "plan": model.plan, **result.to_dict(),
                           **({"recorded_at_export": recorded} if recorded else {})}))
@@ -70,12 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _recorded(model, text: str) -> dict | None:
-    """What the export measured for this plan on ``text`` (the cpu plan records every text, the
-    fused plan the held-out pydoc text)."""
+    """What the export measured on ``text`` for this plan's linears (the split plan runs the fused
+    plan's quantized linears, so it reads the fused record)."""
     acc = model.bundle.manifest.quantization.get("accuracy") or {}
-    if model.plan == "cpu":
-        return (acc.get("cpu") or {}).get(text)
-    return acc if text == "pydoc-heldout" and "float" in acc else None
+    r = (acc.get("cpu" if model.plan == "cpu" else "fused") or {}).get(text)
+    return r if r and "quantized" in r else None
 
 
 if __name__ == "__main__":

@@ -45,10 +45,26 @@ def license_text() -> str:
     return "\n\n".join((LICENSES / n).read_text(encoding="utf-8") for n in LICENSE_FILES)
 
 
+CHANGELOG = Path("/usr/share/doc/dpkg/changelog.gz")
+
+
+def changelog_text() -> str:
+    """Release notes, a domain no calibration text comes from: dpkg's own changelog (entries with
+    versions, bug numbers, people's names and e-mail addresses), which every Debian system has."""
+    import gzip
+
+    try:
+        with gzip.open(CHANGELOG, "rt", encoding="utf-8") as f:
+            return f.read()
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise PromptError(f"{CHANGELOG}: cannot read ({e}; Debian's dpkg package installs it)") from None
+
+
 # the evaluation texts of an export's accuracy report: name -> (description, loader)
 EVAL_TEXTS: dict[str, tuple[str, Callable[[], str]]] = {
     "pydoc-heldout": ("pydoc_data.topics, second half (held out from calibration)", heldout_text),
     "licenses": ("GPL-3 + Apache-2.0 + MPL-2.0 from /usr/share/common-licenses (another domain)", license_text),
+    "changelog": ("dpkg's changelog from /usr/share/doc/dpkg (release notes: a third domain)", changelog_text),
 }
 
 

@@ -42,11 +42,16 @@ def float_matmul(g: GraphBuilder, x: str, name: str, w: np.ndarray, blocks: Bloc
     return g.op("MatMul", [x, g.weight(PREFIX + name + ".wT", np.ascontiguousarray(w.T))], name=name)
 
 
+def nbits_weights(name: str, b: Blocks) -> dict[str, np.ndarray]:
+    """MatMulNBits' B, scales and zero points for linear ``name``, under their stored names."""
+    return {f"{PREFIX}{name}.q{b.bits}": b.matmulnbits_b(),
+            f"{PREFIX}{name}.scale": np.ascontiguousarray(b.scale.reshape(-1)),
+            f"{PREFIX}{name}.zero": b.matmulnbits_zero_points()}
+
+
 def _matmulnbits(g: GraphBuilder, x: str, name: str, b: Blocks) -> str:
     n, k = b.shape
-    y = g.op("MatMulNBits", [x, g.weight(f"{PREFIX}{name}.q{b.bits}", b.matmulnbits_b()),
-                             g.weight(f"{PREFIX}{name}.scale", np.ascontiguousarray(b.scale.reshape(-1))),
-                             g.weight(f"{PREFIX}{name}.zero", b.matmulnbits_zero_points())],
+    y = g.op("MatMulNBits", [x] + [g.weight(key, a) for key, a in nbits_weights(name, b).items()],
              name=name, domain=MS, K=k, N=n, bits=b.bits, block_size=b.q.shape[2], accuracy_level=ACCURACY_LEVEL)
     if b.offset is None:
         return y
@@ -151,41 +156,48 @@ class CpuDecoderGraph:
                                      name=f"{p}/next_norm", n_out=4, domain=MS, epsilon=eps)
         # the norm is per row: gathering the rows read after it equals gathering before it
         picked = g.op("Gather", [x, rows], name="select_logit_rows", axis=1)
-        head = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
-        logits = self.linear(g, picked, "lm_head", [head], kind=self.head)
-        g.output(logits, "logits", F32, [1, "rows", cfg.vocab_size])
+        g.output(self.lm_head(g, picked), "logits", F32, [1, "rows", cfg.vocab_size])
         g.outputs.insert(0, g.outputs.pop())  # logits first
         return g.build()
 
+    def lm_head(self, g: GraphBuilder, x: str) -> str:
+        """The output projection at HEAD_FOR[linears] (8-bit blocks for quantized plans)."""
+        head = "model.embed_tokens" if self.cfg.tie_word_embeddings else "lm_head"
+        return self.linear(g, x, "lm_head", [head], kind=self.head)
+
     def build_embed(self):
-        """Token ids [1, n] -> embeddings [1, n, H]. Quantized plans read the output projection's
-        8-bit blocks (the same stored bytes when the head is tied) with GatherBlockQuantized."""
-        cfg = self.cfg
+        """Token ids [1, n] -> embeddings [1, n, H]."""
         g = GraphBuilder("cpu_embed", self.store)
         ids = g.input("input_ids", I64, [1, "tokens"])
+        g.output(self.embed_lookup(g, ids), "inputs_embeds", F32, [1, "tokens", self.cfg.hidden_size])
+        return g.build()
+
+    def embed_lookup(self, g: GraphBuilder, ids: str) -> str:
+        """Token rows of ``ids``. Quantized plans read the output projection's 8-bit blocks (the
+        same stored bytes when the head is tied) with GatherBlockQuantized."""
+        cfg = self.cfg
         table = self.w["model.embed_tokens.weight"]
         tied, V, H = cfg.tie_word_embeddings, cfg.vocab_size, cfg.hidden_size
         if self.head == "fp32":
             if tied:  # the head's W^T [H, vocab]: gather columns, then rows
                 cols = g.op("Gather", [g.weight_alias(PREFIX + "embed_tokens.T", PREFIX + "lm_head.wT"), ids],
                             name="embed_tokens/columns", axis=1)
-                y = g.op("Transpose", [cols], name="embed_tokens", perm=[1, 2, 0])
-            else:
-                y = g.op("Gather", [g.weight(PREFIX + "embed_tokens", table), ids], name="embed_tokens", axis=0)
+                return g.op("Transpose", [cols], name="embed_tokens", perm=[1, 2, 0])
+            return g.op("Gather", [g.weight(PREFIX + "embed_tokens", table), ids], name="embed_tokens", axis=0)
+        src = self.blocks.get("model.embed_tokens.weight")
+        b = src if src is not None and src.bits == 8 else quantize_blocks(table, 8)
+        nb = b.q.shape[1]
+        # GatherBlockQuantized reads [vocab, H] data with [vocab, H / 32] scales and zero points:
+        # the head's MatMulNBits bytes viewed in that shape when tied (stored once, whichever
+        # graph is built first)
+        if tied:
+            for name, array in nbits_weights("lm_head", b).items():
+                self.store.add(name, array)
+            data = g.weight_alias(PREFIX + "embed_tokens.q8", PREFIX + "lm_head.q8", (V, H))
+            scale = g.weight_alias(PREFIX + "embed_tokens.scale", PREFIX + "lm_head.scale", (V, nb))
+            zero = g.weight_alias(PREFIX + "embed_tokens.zero", PREFIX + "lm_head.zero", (V, nb))
         else:
-            src = self.blocks.get("model.embed_tokens.weight")
-            b = src if src is not None and src.bits == 8 else quantize_blocks(table, 8)
-            nb = b.q.shape[1]
-            # GatherBlockQuantized reads [vocab, H] data with [vocab, H / 32] scales and zero points:
-            # the head's MatMulNBits bytes viewed in that shape when tied (stored once)
-            if tied:
-                data = g.weight_alias(PREFIX + "embed_tokens.q8", PREFIX + "lm_head.q8", (V, H))
-                scale = g.weight_alias(PREFIX + "embed_tokens.scale", PREFIX + "lm_head.scale", (V, nb))
-                zero = g.weight_alias(PREFIX + "embed_tokens.zero", PREFIX + "lm_head.zero", (V, nb))
-            else:
-                data = g.weight(PREFIX + "embed_tokens.q8", b.matmulnbits_b().reshape(V, H))
-                scale, zero = g.weight(PREFIX + "embed_tokens.scale", b.scale), g.weight(PREFIX + "embed_tokens.zero", b.zero)
-            y = g.op("GatherBlockQuantized", [data, ids, scale, zero], name="embed_tokens", domain=MS,
-                     gather_axis=0, quantize_axis=1, block_size=b.q.shape[2], bits=8)
-        g.output(y, "inputs_embeds", F32, [1, "tokens", cfg.hidden_size])
-        return g.build()
+            data = g.weight(PREFIX + "embed_tokens.q8", b.matmulnbits_b().reshape(V, H))
+            scale, zero = g.weight(PREFIX + "embed_tokens.scale", b.scale), g.weight(PREFIX + "embed_tokens.zero", b.zero)
+        return g.op("GatherBlockQuantized", [data, ids, scale, zero], name="embed_tokens", domain=MS,
+                    gather_axis=0, quantize_axis=1, block_size=b.q.shape[2], bits=8)

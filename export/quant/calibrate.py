@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,6 @@ from edge.progress import Progress
 
 from edge.export.graph.builder import GraphBuilder, WeightStore
 from edge.export.graph.decoder import DecoderGraph, float_linear
-from edge.export.quant.smooth import HEAD  # the output projection's name in the groups
 
 F32 = onnx.TensorProto.FLOAT
 LOG2_LO, OCTAVES, PER_OCTAVE = -24, 40, 8  # |x| in [2^-24, 2^16); below -> bin 0, above -> last bin
@@ -99,6 +98,7 @@ class Calibration:
     groups: dict[str, tuple[str, ...]]  # input key -> linears fed by it (graph order)
     stats: dict[str, ChannelStats]  # input key -> statistics
     tokens: int
+    domains: dict[str, int] = field(default_factory=dict)  # calibration tokens per corpus domain
 
     @property
     def channels(self) -> int:
@@ -107,7 +107,9 @@ class Calibration:
 
 
 class _RecordingGraph(DecoderGraph):
-    """The float decoder, noting which tensor feeds each linear (and the output projection)."""
+    """The float decoder, noting which tensor feeds each linear. The output projection is not
+    among them: it runs on the CPU lane in every plan (logit rows only), int8 weights with float
+    activations, so it needs no static activation scale."""
 
     def __init__(self, *args, **kw):
         self.fed_by: dict[str, str] = {}
@@ -118,10 +120,6 @@ class _RecordingGraph(DecoderGraph):
 
         super().__init__(*args, linear=record, **kw)
 
-    def lm_head(self, g: GraphBuilder, h: str) -> str:
-        self.fed_by[HEAD] = h
-        return super().lm_head(g, h)
-
 
 def instrumented_prefill(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store: WeightStore,
                          chunk: int, context: int) -> tuple[onnx.ModelProto, dict[str, tuple[str, ...]]]:
@@ -131,8 +129,7 @@ def instrumented_prefill(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], 
     groups: dict[str, list[str]] = {}
     for name, x in dec.fed_by.items():
         groups.setdefault(x, []).append(name)
-    widths = {x: (cfg.hidden_size if names == [HEAD] else weights[names[0] + ".weight"].shape[1])
-              for x, names in groups.items()}
+    widths = {x: weights[names[0] + ".weight"].shape[1] for x, names in groups.items()}
     for x in groups:
         model.graph.node.append(onnx.helper.make_node("Identity", [x], [f"calib:{x}"], name=f"calib:{x}"))
         model.graph.output.append(onnx.helper.make_tensor_value_info(f"calib:{x}", F32, [chunk, widths[x]]))

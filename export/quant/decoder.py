@@ -1,14 +1,11 @@
-"""Decoder graphs with an int8 token table and a quantized output projection.
+"""Decoder graphs of the static W8A8 plans (fused, split) and their decode graph: the planned
+linears, and the token table and output projection as 8-bit blocks of 32.
 
-When the token table is tied to the output projection, both read the same stored int8 tensor, so
-a quantized bundle holds the 49k x 576 table once, at a quarter of its float size.
-
-The output projection is DQ(int8 table^T) -> MatMul like every other int8 linear; in the
-decode graph (float activations) onnxruntime turns it into an 8-bit MatMulNBits at load time. That
-fusion needs the DequantizeLinear's inputs to itself: the lookup reads the int8 bytes under a
-second initializer name and its own copy of the row scales (linears.gather_int8_rows). With one shared scale tensor the head stays unfused and
-dequantizes the whole table on every step: SmolLM2 decode 46 ms/step instead of 9 ms
-(tests/test_quant.py::test_decode_head_reads_the_token_table_and_fuses guards it).
+The table and head are the CPU plan's own tensors (CpuDecoderGraph.embed_lookup / lm_head, the
+same stored bytes): GatherBlockQuantized for the lookup, MatMulNBits (accuracy level 4) for the
+head, which runs on the CPU lane in every plan (logit rows only), so it needs no static
+activation scale. A GGUF source's Q8_0 table goes in as stored: the round trip through per-row
+int8 that these plans had before cost +0.25% perplexity on its own (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -19,35 +16,46 @@ import numpy as np
 from onnx import TensorProto
 
 from edge.config import DecoderConfig
-from edge.export.quant.reference import LinearQuant
 
 from edge.export.graph.builder import GraphBuilder, WeightStore
+from edge.export.graph.cpu_decoder import CpuDecoderGraph
 from edge.export.graph.decoder import DecoderGraph, LinearEmitter
-from edge.export.quant.linears import gather_int8_rows, quant_linear
+from edge.export.quant.blocks import Blocks, quantize_blocks
 
 TABLE = "model.embed_tokens"
 
 
+def tables(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store: WeightStore,
+           blocks: Mapping[str, Blocks] | None) -> CpuDecoderGraph:
+    """The builder of the 8-bit block table and head (only its lookup and head are used)."""
+    return CpuDecoderGraph(cfg, weights, store, 1, "int8", blocks)
+
+
 class QuantDecoderGraph(DecoderGraph):
     def __init__(self, cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store, max_context: int,
-                 linear: LinearEmitter, head: LinearQuant | None):
+                 linear: LinearEmitter, blocks: Mapping[str, Blocks] | None = None):
         super().__init__(cfg, weights, store, max_context, linear=linear)
-        self.head = head  # None: the float output projection
+        self.tables = tables(cfg, weights, store, blocks)
 
     def embed_tokens(self, g: GraphBuilder, ids: str) -> str:
-        return gather_int8_rows(g, ids, TABLE, self.w[TABLE + ".weight"])
+        return self.tables.embed_lookup(g, ids)
 
     def lm_head(self, g: GraphBuilder, h: str) -> str:
-        if self.head is None:
-            return super().lm_head(g, h)
-        name = TABLE if self.cfg.tie_word_embeddings else "lm_head"
-        return quant_linear(g, h, name, self.w[name + ".weight"], None, self.head)
+        return self.tables.lm_head(g, h)
 
 
-def build_int8_embed_graph(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store: WeightStore):
-    """Token ids [1, n] -> embeddings [1, n, H] from the int8 table (any n)."""
+def build_block_embed_graph(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store: WeightStore,
+                            blocks: Mapping[str, Blocks] | None):
+    """Token ids [1, n] -> embeddings [1, n, H] from the 8-bit block table (any n)."""
     g = GraphBuilder("embed", store)
     ids = g.input("input_ids", TensorProto.INT64, [1, "tokens"])
-    g.output(gather_int8_rows(g, ids, TABLE, weights[TABLE + ".weight"]), "inputs_embeds", TensorProto.FLOAT,
+    g.output(tables(cfg, weights, store, blocks).embed_lookup(g, ids), "inputs_embeds", TensorProto.FLOAT,
              [1, "tokens", cfg.hidden_size])
     return g.build()
+
+
+def table_lookup(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], blocks: Mapping[str, Blocks] | None) -> np.ndarray:
+    """The float rows the block table dequantizes to (what the graph evaluator embeds with)."""
+    src = (blocks or {}).get(TABLE + ".weight")
+    b = src if src is not None and src.bits == 8 else quantize_blocks(weights[TABLE + ".weight"], 8)
+    return b.dequantize()

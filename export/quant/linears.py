@@ -196,19 +196,3 @@ DECODE_EMITTERS: dict[str, Callable[..., LinearEmitter]] = {
 
 
 # ------------------------------------------------------------------ token table
-
-
-def gather_int8_rows(g: GraphBuilder, ids: str, name: str, table: np.ndarray) -> str:
-    """Token lookup [1, n] -> [1, n, H] in the int8 table, stored like every int8 weight as
-    table^T [H, vocab] (so a tied output projection reads the same tensor): gather columns and
-    their scales, then multiply."""
-    rows_q, scale = quantize_weight_int8(table)
-    q = g.weight_alias(name + ".w8_lookup", g.weight(name + ".w8", np.ascontiguousarray(rows_q.T)))
-    # its own copy of the row scales (196 KB for 49k tokens): a scale tensor shared with the output
-    # projection's DequantizeLinear stops onnxruntime from fusing that one into MatMulNBits
-    s = g.weight(name + ".row_scale", scale)
-    cols = g.op("Gather", [q, ids], name=name + "/gather_q", axis=1)  # [H, 1, n]
-    rows = g.op("Cast", [g.op("Transpose", [cols], name=name + "/to_rows", perm=[1, 2, 0])], name=name + "/cast", to=1)
-    scales = g.op("Unsqueeze", [g.op("Gather", [s, ids], name=name + "/gather_scale", axis=0),
-                                g.const("axis_last", np.array([-1], np.int64))], name=name + "/scale_col")
-    return g.op("Mul", [rows, scales], name=name + "/dequant")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edge.errors import EdgeError
 
+from edge.export.quant.corpus import user_texts
 from edge.export.quant.accuracy import EVAL_TOKENS, EVAL_WINDOW
 from edge.export.quant.recipe import CALIB_TOKENS, CALIB_WINDOW, AccuracySpec, CalibrationSpec
 from edge.export.quant.plan import DECODE_SCHEMES, PREFILL_SCHEMES, QuantOptions
@@ -38,21 +38,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="linears whose input gets 16-bit activations (two int8 passes, hi + lo): 'auto' (the "
                         "inputs where the second pass lowers the estimated error most per multiply-add, up to "
                         "--act16-budget), comma-separated kinds (q_proj = q/k/v, o_proj, gate_proj = gate/up, "
-                        f"down_proj, lm_head) or 'none' (default {','.join(QuantOptions.act16)})")
+                        f"down_proj) or 'none' (default {','.join(QuantOptions.act16)})")
     q.add_argument("--act16-budget", type=float, default=QuantOptions.act16_budget, metavar="FRACTION",
                    help="--act16 auto: second passes for at most this fraction of the prefill linears' "
                         f"multiply-adds ({QuantOptions.act16_budget})")
     q.add_argument("--float-linears", type=int, default=0, metavar="N",
                    help="keep the N linear inputs with the largest estimated error in float (default 0)")
     q.add_argument("--block", type=int, default=32, help="int4 block size (power of two >= 16, default 32)")
-    q.add_argument("--calib", type=Path, default=None, metavar="FILE",
-                   help="UTF-8 calibration text (default: first half of Python's pydoc topics)")
+    q.add_argument("--calib", type=Path, nargs="+", default=None, metavar="PATH",
+                   help="calibration text: UTF-8 files, .jsonl chats ({\"messages\": [...]} per line, rendered in "
+                        "the model's template) or folders of them (default: edge's multi-domain corpus, "
+                        "docs/quantization.md)")
     q.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help=f"calibration tokens ({CALIB_TOKENS})")
     q.add_argument("--calib-window", type=int, default=CALIB_WINDOW,
                    help=f"calibration window, each a fresh context ({CALIB_WINDOW})")
-    q.add_argument("--calib-chats", action="store_true",
-                   help="run every other calibration window as a chat in the model's template (measured "
-                        "worse on SmolLM2, see docs/quantization.md; off by default)")
     q.add_argument("--cpu-weights", choices=("int8", "int4", "fp32"), default=None,
                    help="the CPU plan's linears: MatMulNBits blocks of 32 with int8 compute (activations "
                         "quantized per block at run time), int8 or int4 (a GGUF source's Q4_1 / Q8_0 blocks "
@@ -87,12 +86,8 @@ def from_args(args: argparse.Namespace) -> tuple[QuantOptions, CalibrationSpec, 
                          block=args.block, cpu=cpu)
     if args.calib_tokens < 1 or args.calib_window < 2 or args.eval_tokens < 1:
         raise ValueError("--calib-tokens, --calib-window and --eval-tokens must be positive")
-    text, label = None, CalibrationSpec.label
-    if args.calib is not None:
-        try:
-            text, label = args.calib.read_text(encoding="utf-8"), str(args.calib)
-        except (OSError, UnicodeDecodeError) as e:
-            raise EdgeError(f"{args.calib}: cannot read as UTF-8 text ({e})") from None
-    calib = CalibrationSpec(text=text, tokens=args.calib_tokens, window=args.calib_window, label=label,
-                            chats=args.calib_chats)
+    texts, label = None, CalibrationSpec.label
+    if args.calib:
+        texts, label = tuple(user_texts(args.calib)), " ".join(map(str, args.calib))
+    calib = CalibrationSpec(texts=texts, tokens=args.calib_tokens, window=args.calib_window, label=label)
     return quant, calib, AccuracySpec(enabled=not args.no_accuracy_report, tokens=args.eval_tokens, window=EVAL_WINDOW)

@@ -17,14 +17,14 @@ import numpy as np
 from edge.export.quant.reference import ActQuant, LinearQuant
 
 from edge.export.quant import smooth
-from edge.export.quant.calibrate import HEAD, Calibration
+from edge.export.quant.calibrate import Calibration
 from edge.export.quant.clip_search import Curve, search, weight_error
 
 PREFILL_SCHEMES = ("w8a8", "w8a8-nooutliers", "fp32")
 DECODE_SCHEMES = ("int8", "int4", "fp32")
 # strengths above 0.75 win in a few 8-bit groups (gate/up); the grid's measured effect: docs/quantization.md
 AUTO_ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.85, 0.95, 1.0)
-LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AUTO_MAX_HOT = 16  # per group, in auto mode (the global budget is the real limit)
 
 
@@ -155,12 +155,8 @@ class QuantPlan:
                 "groups": {g.key: g.record() for g in self.groups}}
 
 
-def head_name(weights: Mapping[str, np.ndarray]) -> str:
-    return "lm_head" if "lm_head.weight" in weights else "model.embed_tokens"
-
-
 def _consumers(weights: Mapping[str, np.ndarray], linears: tuple[str, ...]) -> list[np.ndarray]:
-    return [weights[(head_name(weights) if n == HEAD else n) + ".weight"] for n in linears]
+    return [weights[n + ".weight"] for n in linears]
 
 
 def _smoothing(cal: Calibration, key: str, weights: Mapping[str, np.ndarray], alpha: float,
@@ -211,9 +207,8 @@ def _allocate(curves: dict[str, dict[float, Curve]], opts: QuantOptions, channel
 
 
 def _group_macs(cal: Calibration, key: str, weights: Mapping[str, np.ndarray]) -> int:
-    """Multiply-adds per prefill token of the group's linears (the output projection: none, as
-    prefill computes only the logit rows that are read)."""
-    return sum(0 if n == HEAD else int(weights[n + ".weight"].size) for n in cal.groups[key])
+    """Multiply-adds per prefill token of the group's linears."""
+    return sum(int(weights[n + ".weight"].size) for n in cal.groups[key])
 
 
 def _auto_bits(cal: Calibration, weights: Mapping[str, np.ndarray], opts: QuantOptions,

@@ -10,6 +10,7 @@ Whenever prefill is quantized, the token table and output projection are the sha
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,13 +19,16 @@ import numpy as np
 
 from edge.config import DecoderConfig, ExportOptions
 from edge.progress import Progress
-from edge.export.quant.reference import LinearQuant, dequantize_weight_int8, quantize_weight_int8
+from edge.export.quant.reference import LinearQuant
 
-from edge.export.quant.accuracy import EVAL_TOKENS, EVAL_WINDOW, graph_perplexity, report
-from edge.export.quant.calibrate import HEAD, Calibration, calibrate
+from edge.export.quant import corpus
+from edge.export.quant.corpus import Text
+from edge.export.quant.accuracy import EVAL_TOKENS, EVAL_WINDOW, graph_perplexity
+from edge.export.quant.calibrate import Calibration, calibrate
 from edge.export.graph.builder import WeightStore
 from edge.export.graph.decoder import DecoderGraph, LinearEmitter, build_embed_graph
-from edge.export.quant.decoder import TABLE, QuantDecoderGraph, build_int8_embed_graph
+from edge.export.quant.blocks import Blocks
+from edge.export.quant.decoder import QuantDecoderGraph, build_block_embed_graph, table_lookup
 from edge.export.quant.linears import DECODE_EMITTERS, PlannedLinear, ScopedStore
 from edge.export.quant.plan import QuantOptions, QuantPlan, plan_quantization
 
@@ -36,13 +40,10 @@ INT4_ACCURACY_LEVEL = 4  # see linears.int4_linear
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    text: str | None = None  # None: the first half of edge.runtime.perplexity.default_text()
+    texts: tuple[Text, ...] | None = None  # None: the default multi-domain corpus (export/quant/corpus)
     tokens: int = CALIB_TOKENS
     window: int = CALIB_WINDOW
-    label: str = "pydoc_data.topics, first half"
-    # every other window as a chat in the model's template: measured worse than plain text, even on
-    # held-out text in chat form, so it is off by default (figures in docs/quantization.md)
-    chats: bool = False
+    label: str = corpus.DEFAULT_LABEL
 
 
 @dataclass(frozen=True)
@@ -63,43 +64,30 @@ class Decoders:
     plan: QuantPlan | None = None
 
 
-def calibration_windows(tokenizer_json: str, chat_template: str | None, spec: CalibrationSpec) -> list[list[int]]:
-    """``spec.tokens`` tokens of calibration text in windows of ``spec.window``, each run as a fresh
-    context. With ``spec.chats`` (and a template), every other window is a chat (user: first half,
-    assistant: second half) in the model's own template, as prompts reach the model at runtime: its
-    control tokens drive some channels far beyond plain text (x30 at some down_proj inputs of
-    SmolLM2), yet the wider ranges this calibrates cost more than they save (see CalibrationSpec)."""
-    from edge.runtime.perplexity import default_text, split_text
+def calibration_windows(tokenizer_json: str, chat_template: str | None,
+                        spec: CalibrationSpec) -> tuple[list[list[int]], dict[str, int]]:
+    """``spec.tokens`` tokens of calibration text in windows of ``spec.window`` (each run as a fresh
+    context), taken from the corpus's domains in turn; and the tokens each domain gave. Chats use
+    the model's template (its control tokens drive some channels far beyond plain text: x30 at
+    some down_proj inputs of SmolLM2); without one they are plain "User:/Assistant:" text."""
     from edge.runtime.tokenizer import Tokenizer
 
-    text = spec.text if spec.text is not None else split_text(default_text())[0]
     tok = Tokenizer.from_json_text(tokenizer_json, chat_template)
-    ids = tok.encode(text[: spec.tokens * 8], special=False)  # ~4 chars per token: 8 is plenty
-    wins, pos, total = [], 0, 0
-    while total < spec.tokens and pos < len(ids):
-        piece = ids[pos:pos + spec.window]
-        pos += len(piece)
-        if spec.chats and chat_template and len(wins) % 2:
-            words = tok.decode(piece)
-            half = words.find(" ", len(words) // 2)
-            half = len(words) // 2 if half < 0 else half
-            piece = tok.encode_chat([{"role": "user", "content": words[:half].strip()},
-                                     {"role": "assistant", "content": words[half:].strip()}],
-                                    add_generation_prompt=False)[: spec.window]
-        piece = piece[: spec.tokens - total]
-        wins.append(piece)
-        total += len(piece)
-    return wins
+    texts = list(spec.texts) if spec.texts is not None else corpus.default_texts()
+    if not chat_template:
+        texts = [corpus.as_plain(t) for t in texts]
+    return corpus.windows(texts, tok, spec.window, spec.tokens)
 
 
 def calibrate_and_plan(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], tokenizer_json: str,
                     chat_template: str | None, options: ExportOptions, quant: QuantOptions, spec: CalibrationSpec,
                     progress: Progress, calibration: Calibration | None = None) -> tuple[QuantPlan, Calibration]:
     if calibration is None:
-        wins = calibration_windows(tokenizer_json, chat_template, spec)
-        form = "; half as chats" if spec.chats and chat_template else ""
-        with progress.stage(f"calibrating on {sum(map(len, wins))} tokens ({spec.label}{form})"):
+        wins, used = calibration_windows(tokenizer_json, chat_template, spec)
+        parts = ", ".join(f"{d} {n}" for d, n in used.items())
+        with progress.stage(f"calibrating on {sum(map(len, wins))} tokens in {len(wins)} windows ({parts})"):
             calibration = calibrate(cfg, weights, wins, chunk=min(options.chunk_length, spec.window), progress=progress)
+        calibration = dataclasses.replace(calibration, domains=used)
     with progress.stage("planning quantization (clip search, hot channels, smoothing)"):
         plan = plan_quantization(calibration, weights, quant, cfg.head_dim)
     progress.note(plan.summary())
@@ -107,17 +95,15 @@ def calibrate_and_plan(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], to
 
 
 def decoders(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store: WeightStore, max_context: int,
-             quant: QuantOptions, plan: QuantPlan | None) -> Decoders:
+             quant: QuantOptions, plan: QuantPlan | None, blocks: Mapping[str, Blocks] | None = None) -> Decoders:
+    """``blocks``: the source's own block-quantized weights (GGUF), for the 8-bit table and head."""
     if plan is None:  # float prefill
         prefill = DecoderGraph(cfg, weights, store, max_context)
         embed = lambda: build_embed_graph(cfg, weights, store)
-        head: LinearQuant | None = None
     else:
-        lin = plan.linears()
-        head = lin.pop(HEAD, None)
-        prefill = QuantDecoderGraph(cfg, plan.weights, store, max_context, PlannedLinear(lin), head)
-        embed = lambda: build_int8_embed_graph(cfg, plan.weights, store)
-    decode = decode_graph(cfg, weights, store, max_context, quant, plan)
+        prefill = QuantDecoderGraph(cfg, plan.weights, store, max_context, PlannedLinear(plan.linears()), blocks)
+        embed = lambda: build_block_embed_graph(cfg, plan.weights, store, blocks)
+    decode = decode_graph(cfg, weights, store, max_context, quant, plan, blocks)
     return Decoders(prefill, decode, embed, manifest_record(quant, plan), plan)
 
 
@@ -143,14 +129,14 @@ def decode_emitter(quant: QuantOptions, decode_w: Mapping[str, np.ndarray],
 
 
 def decode_graph(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store, max_context: int,
-                 quant: QuantOptions, plan: QuantPlan | None) -> DecoderGraph:
+                 quant: QuantOptions, plan: QuantPlan | None, blocks: Mapping[str, Blocks] | None = None) -> DecoderGraph:
     w = decode_weights(quant, weights, plan, cfg.head_dim)
     emit = decode_emitter(quant, w, weights)
     if plan is None:
         return DecoderGraph(cfg, w, ScopedStore(store, "decode"), max_context, linear=emit)
     # int8 shares every tensor with prefill; otherwise norms differ from prefill's smoothed ones
     target = store if quant.decode == "int8" else ScopedStore(store, "decode")
-    return QuantDecoderGraph(cfg, w, target, max_context, emit, LinearQuant("int8"))
+    return QuantDecoderGraph(cfg, w, target, max_context, emit, blocks)
 
 
 def cpu_record(linears: str, source_blocks: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,8 +160,9 @@ def manifest_record(quant: QuantOptions, plan: QuantPlan | None) -> dict[str, An
                        "(DequantizeLinear axis 1)",
             "activations": "static per-tensor symmetric QDQ, uint8 zero point 128; bits 16 = two int8 passes "
                            "(hi = QDQ(x, scale), lo = QDQ(x - hi, scale / 254)), each its own int8 GEMM",
-            "token_table": "int8, one scale per token, stored [hidden, vocab] (the output projection's "
-                           "tensor when tied)",
+            "token_table": "8-bit blocks of 32 (a GGUF Q8_0 table as stored), the CPU plan's tensors: "
+                           "GatherBlockQuantized lookup; the output projection MatMulNBits on them (CPU lane, "
+                           "float activations)",
             "options": {"outliers": quant.outliers, "outlier_layers": quant.outlier_layers,
                         "hot_budget": quant.hot_budget, "smooth": quant.smooth, "act16": list(quant.act16),
                         **({"act16_budget": quant.act16_budget} if quant.act16_auto else {}),
@@ -190,28 +177,16 @@ def manifest_record(quant: QuantOptions, plan: QuantPlan | None) -> dict[str, An
     return rec
 
 
-def measure(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], bundle_model, quant: QuantOptions,
-            plan: QuantPlan | None, chunk: int, spec: AccuracySpec, progress: Progress) -> dict[str, Any]:
-    """Perplexities on the held-out text: the bundle's prefill (runtime, as written), the float
-    model, and the decode weights scheme (its graph in prefill form, same chunking)."""
-    from edge.runtime.perplexity import bundle_perplexity, heldout_text
-
-    text = heldout_text()
-    ids = bundle_model.tokenizer.encode(text)
-    window = min(spec.window, bundle_model.max_context)  # as bundle_perplexity (and edge-eval) will
-    kw = {"tokens": spec.tokens, "window": window, "progress": progress}
-    got = bundle_perplexity(bundle_model, text, tokens=spec.tokens, window=window,
-                            progress=lambda d, t: progress.bar(d, t, "quantized bundle"))
-    ref = graph_perplexity(cfg, weights, ids, chunk, label="float reference", **kw)
-    out = report(ref.perplexity, got.perplexity, text="pydoc_data.topics, second half (held out)",
-                 tokens=got.tokens, window=window)
-    if quant.decode != "fp32":
-        table = dequantize_weight_int8(*quantize_weight_int8(weights[TABLE + ".weight"])) if plan else None
-        w = decode_weights(quant, weights, plan, cfg.head_dim)
-        dec = graph_perplexity(cfg, w, ids, chunk, linear=decode_emitter(quant, w, weights),
-                               lookup=table, label=f"decode weights ({quant.decode})",
-                               graph=QuantDecoderGraph if plan else DecoderGraph,
-                               **({"head": LinearQuant("int8")} if plan else {}), **kw)
-        out["decode_weights"] = {"scheme": quant.decode, "perplexity": round(dec.perplexity, 4),
-                                 "change_percent": round(100 * (dec.perplexity / ref.perplexity - 1), 3)}
-    return out
+def decode_accuracy(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], ids: list[int], quant: QuantOptions,
+                    plan: QuantPlan | None, chunk: int, spec: AccuracySpec, float_ppl: float,
+                    progress: Progress, blocks: Mapping[str, Blocks] | None = None) -> dict[str, Any]:
+    """Perplexity of the decode graph's weights (its graph in prefill form, chunked as the runtime
+    chunks) on the held-out text ``ids``, against ``float_ppl`` measured the same way."""
+    table = table_lookup(cfg, weights, blocks) if plan else None
+    w = decode_weights(quant, weights, plan, cfg.head_dim)
+    dec = graph_perplexity(cfg, w, ids, chunk, linear=decode_emitter(quant, w, weights), lookup=table,
+                           label=f"decode weights ({quant.decode})", graph=QuantDecoderGraph if plan else DecoderGraph,
+                           tokens=spec.tokens, window=spec.window, progress=progress,
+                           **({"blocks": blocks} if plan else {}))
+    return {"scheme": quant.decode, "text": "pydoc-heldout", "perplexity": round(dec.perplexity, 4),
+            "change_percent": round(100 * (dec.perplexity / float_ppl - 1), 3)}

@@ -29,9 +29,6 @@ _PRODUCERS = {
 }
 
 
-HEAD = "lm_head"  # the calibration's name for the output projection (tied or not)
-
-
 def producer(first_linear: str) -> tuple[str, str] | None:
     """(tensor name, kind) that absorbs 1/s for the group led by ``first_linear``; None if none."""
     parts = first_linear.split(".")
