@@ -20,8 +20,8 @@ def calibrated(zoo):
     family = family_for(src.architecture)
     cfg = family.config(src.hf_config, src.special_tokens)
     weights = family.sanitize(src.weights, cfg)
-    wins, _ = calibration_windows(src.tokenizer_json, None, CalibrationSpec(tokens=512, window=128))
-    return cfg, weights, calibrate(cfg, weights, wins, chunk=16)
+    wins = calibration_windows(src.tokenizer_json, None, CalibrationSpec(tokens=512, window=128))
+    return cfg, weights, calibrate(cfg, weights, [ids for _, ids in wins], chunk=16)
 
 
 def _bits(calibrated, budget: float) -> dict[str, int]:

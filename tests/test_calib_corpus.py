@@ -44,7 +44,9 @@ def test_default_corpus_has_four_domains_none_from_an_evaluation_text():
 
 
 def test_default_windows_take_the_domains_in_turn(llama):
-    wins, used = calibration_windows(llama.tokenizer_json, llama.chat_template, CalibrationSpec(tokens=2000, window=128))
+    wins = calibration_windows(llama.tokenizer_json, llama.chat_template, CalibrationSpec(tokens=2000, window=128))
+    used = corpus.tokens_per_domain(wins)
+    wins = [ids for _, ids in wins]
     assert sum(map(len, wins)) == 2000 == sum(used.values()) and all(0 < len(w) <= 128 for w in wins)
     assert list(used) == ["docs", "code", "prose", "chat"] and min(used.values()) > 100
     im_start = _im_start(llama)
@@ -54,8 +56,10 @@ def test_default_windows_take_the_domains_in_turn(llama):
 
 
 def test_without_a_template_chats_are_plain_text(llama):
-    wins, used = calibration_windows(llama.tokenizer_json, None, CalibrationSpec(tokens=2000, window=128))
-    assert "chat" in used and all(_im_start(llama) not in w for w in wins)
+    wins = calibration_windows(llama.tokenizer_json, None, CalibrationSpec(tokens=2000, window=128))
+    assert "chat" in corpus.tokens_per_domain(wins)
+    wins = [ids for _, ids in wins]
+    assert all(_im_start(llama) not in w for w in wins)
 
 
 def test_user_files_and_folders(llama, tmp_path):
@@ -69,8 +73,8 @@ def test_user_files_and_folders(llama, tmp_path):
     assert [t.domain.rsplit("/", 1)[-1] for t in texts] == ["a.txt", "chats.jsonl"]
     assert texts[1].chats[0][0] == {"role": "user", "content": "hi there"}
     spec = CalibrationSpec(texts=tuple(texts), tokens=300, window=64)
-    wins, used = calibration_windows(llama.tokenizer_json, llama.chat_template, spec)
-    assert sum(used.values()) == sum(map(len, wins)) <= 300 and wins[1][0] == _im_start(llama)
+    wins = calibration_windows(llama.tokenizer_json, llama.chat_template, spec)
+    assert sum(corpus.tokens_per_domain(wins).values()) <= 300 and wins[1][1][0] == _im_start(llama)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -97,3 +101,13 @@ def test_cli_calib_folder_reaches_the_manifest(zoo, cli, tmp_path):
     assert cal["tokens"] == 200 and list(cal["domains"]) == [str(tmp_path / "mine" / "t.txt")], cal
     bad = cli("edge.export.cli", zoo.folder("qwen2"), "-o", tmp_path / "c", "--calib", tmp_path / "nope")
     assert bad.returncode == 2 and "--calib" in bad.stderr and "nope" in bad.stderr and not (tmp_path / "c").exists()
+
+
+def test_hessian_weights_give_each_domain_an_equal_share():
+    wins = [("docs", [1] * 100), ("chat", [2] * 20), ("docs", [1] * 100), ("chat", [2] * 20), ("docs", [1] * 100)]
+    w = corpus.hessian_weights(wins, 220)  # the first three windows reach the budget
+    assert w[3:] == [0.0, 0.0]
+    share = {}
+    for (d, ids), x in zip(wins, w):
+        share[d] = share.get(d, 0) + x * len(ids)
+    assert share == pytest.approx({"docs": 0.5, "chat": 0.5})

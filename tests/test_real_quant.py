@@ -58,7 +58,7 @@ def test_quantized_smollm2_decode_head_is_fused(w8a8, tmp_path):
     so.optimized_model_filepath = str(tmp_path / "decode_opt.onnx")
     ort.InferenceSession(str(out / "decode.onnx"), so, providers=["CPUExecutionProvider"])
     nodes = onnx.load(str(tmp_path / "decode_opt.onnx"), load_external_data=False).graph.node
-    assert [n.op_type for n in nodes if n.name == "model.embed_tokens"] == ["MatMulNBits"]
+    assert [n.op_type for n in nodes if n.name == "lm_head"] == ["MatMulNBits"]
     assert "DequantizeLinear" not in {n.op_type for n in nodes}
 
 
@@ -66,8 +66,10 @@ def test_quantized_smollm2_perplexity_and_budget(w8a8):
     out, manifest = w8a8
     q = json.loads((out / "manifest.json").read_text())["quantization"]
     acc = q["accuracy"]
-    assert acc["tokens"] == 2048 and acc["float"] < 15  # the float model itself is sane
-    assert acc["change_percent"] < MAX_CHANGE_PERCENT, acc
+    pydoc = acc["fused"]["pydoc-heldout"]
+    assert pydoc["tokens"] == 2048 and pydoc["float"] < 15  # the float model itself is sane
+    for text, r in acc["fused"].items():  # every evaluation text this machine has
+        assert "skipped" in r or r["change_percent"] < MAX_CHANGE_PERCENT, (text, r)
     assert q["hot_fraction"] <= 0.005  # hot channels kept in float: at most 0.5% of linear inputs
     assert acc["decode_weights"]["change_percent"] < MAX_CHANGE_PERCENT, acc
     size = sum(r["size"] for r in manifest.files.values())

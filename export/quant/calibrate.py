@@ -99,6 +99,8 @@ class Calibration:
     stats: dict[str, ChannelStats]  # input key -> statistics
     tokens: int
     domains: dict[str, int] = field(default_factory=dict)  # calibration tokens per corpus domain
+    # input key -> weighted sum of x x^T over the windows hessian_weights picked (GPTQ), float32
+    hessians: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def channels(self) -> int:
@@ -137,16 +139,19 @@ def instrumented_prefill(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], 
 
 
 def calibrate(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], windows: Sequence[Sequence[int]],
-              chunk: int = 128, threads: int = 0, progress: Progress | None = None) -> Calibration:
+              chunk: int = 128, threads: int = 0, progress: Progress | None = None,
+              hessian: Sequence[float] | None = None) -> Calibration:
     """Statistics of every linear input over the token ``windows``, each run as a fresh context
     (each starts like a prompt does: its first tokens are where the largest activations appear,
-    so a calibration without window starts would miss them)."""
+    so a calibration without window starts would miss them). ``hessian``: per window, its weight
+    in the inputs' second-moment matrices (0 or None: not accumulated)."""
     from edge.runtime.chunks import ChunkRunner
     from edge.runtime.kv_cache import KVCache
     from edge.runtime.sessions import open_session, session_options
 
     progress = progress or Progress(enabled=False)
-    wins = [list(w) for w in windows if len(w)]
+    hessian = list(hessian) if hessian is not None else [0.0] * len(windows)
+    wins, hessian = [list(w) for w in windows if len(w)], [h for w, h in zip(windows, hessian) if len(w)]
     window = -(-max(map(len, wins)) // chunk) * chunk
     with tempfile.TemporaryDirectory(prefix="edge-calib-") as tmp:
         store = WeightStore()
@@ -156,12 +161,20 @@ def calibrate(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], windows: Se
         runner = ChunkRunner(open_session(Path(tmp) / "calib.onnx", session_options(threads)), chunk)
     emb = weights["model.embed_tokens.weight"]
     acc: dict[str, _Accumulator] = {}
+    xtx: dict[str, np.ndarray] = {}
     seen = 0
     for wi, w in enumerate(wins):
+        weight = np.float32(hessian[wi])
         for c, out in runner.run(emb[w][None], KVCache(cfg, window), logits="none"):
             for key in groups:
                 a = out[f"calib:{key}"][:c.count]
                 acc.setdefault(key, _Accumulator(a.shape[1])).update(a)
+                if weight:
+                    h = (a.T @ a) * weight
+                    if key in xtx:
+                        xtx[key] += h
+                    else:
+                        xtx[key] = h
         seen += len(w)
         progress.bar(wi + 1, len(wins), f"calibration ({seen} tokens)")
-    return Calibration(groups, {k: a.freeze() for k, a in acc.items()}, seen)
+    return Calibration(groups, {k: a.freeze() for k, a in acc.items()}, seen, hessians=xtx)

@@ -9,7 +9,7 @@ from pathlib import Path
 from edge.export.quant.corpus import user_texts
 from edge.export.quant.accuracy import EVAL_TOKENS, EVAL_WINDOW
 from edge.export.quant.recipe import CALIB_TOKENS, CALIB_WINDOW, AccuracySpec, CalibrationSpec
-from edge.export.quant.plan import DECODE_SCHEMES, PREFILL_SCHEMES, QuantOptions
+from edge.export.quant.plan import DECODE_SCHEMES, PREFILL_SCHEMES, ROUNDINGS, QuantOptions
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"multiply-adds ({QuantOptions.act16_budget})")
     q.add_argument("--float-linears", type=int, default=0, metavar="N",
                    help="keep the N linear inputs with the largest estimated error in float (default 0)")
+    q.add_argument("--weight-rounding", choices=ROUNDINGS, default=QuantOptions.rounding,
+                   help="int8 weights of the static W8A8 plans: gptq (each rounding error compensated through "
+                        "the calibration inputs' second moments, every domain weighted alike; ~1 min more) or "
+                        f"nearest (default {QuantOptions.rounding})")
     q.add_argument("--block", type=int, default=32, help="int4 block size (power of two >= 16, default 32)")
     q.add_argument("--calib", type=Path, nargs="+", default=None, metavar="PATH",
                    help="calibration text: UTF-8 files, .jsonl chats ({\"messages\": [...]} per line, rendered in "
@@ -82,7 +86,7 @@ def from_args(args: argparse.Namespace) -> tuple[QuantOptions, CalibrationSpec, 
     act16 = () if args.act16.strip() in ("", "none") else tuple(k.strip() for k in args.act16.split(",") if k.strip())
     quant = QuantOptions(prefill=args.quant, decode=decode, outliers=args.outliers, outlier_layers=args.outlier_layers,
                          hot_budget=args.hot_budget, smooth=args.smooth, act16=act16, act16_budget=args.act16_budget,
-                         float_groups=args.float_linears,
+                         float_groups=args.float_linears, rounding=args.weight_rounding,
                          block=args.block, cpu=cpu)
     if args.calib_tokens < 1 or args.calib_window < 2 or args.eval_tokens < 1:
         raise ValueError("--calib-tokens, --calib-window and --eval-tokens must be positive")

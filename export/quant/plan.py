@@ -19,12 +19,14 @@ from edge.export.quant.reference import ActQuant, LinearQuant
 from edge.export.quant import smooth
 from edge.export.quant.calibrate import Calibration
 from edge.export.quant.clip_search import Curve, search, weight_error
+from edge.export.quant.gptq import gptq_int8
 
 PREFILL_SCHEMES = ("w8a8", "w8a8-nooutliers", "fp32")
 DECODE_SCHEMES = ("int8", "int4", "fp32")
 # strengths above 0.75 win in a few 8-bit groups (gate/up); the grid's measured effect: docs/quantization.md
 AUTO_ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.85, 0.95, 1.0)
 LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ROUNDINGS = ("gptq", "nearest")
 AUTO_MAX_HOT = 16  # per group, in auto mode (the global budget is the real limit)
 
 
@@ -45,6 +47,9 @@ class QuantOptions:
     act16_budget: float = 0.25
     float_groups: int = 0  # keep the N groups with the largest estimated error in float
     block: int = 32  # int4 block size (decode)
+    # int8 weight rounding: "gptq" (error feedback through the inputs' second moments, from the
+    # calibration; measured in docs/quantization.md) or "nearest"
+    rounding: str = "gptq"
     cpu: str = "int8"  # the CPU plan's linears: MatMulNBits int8 / int4 blocks of 32, or fp32
 
     def __post_init__(self) -> None:
@@ -75,6 +80,8 @@ class QuantOptions:
             raise ValueError(f"--act16: unknown linear kind(s) {sorted(unknown)}; choose from {', '.join(LINEAR_KINDS)}")
         if self.block < 16 or self.block & (self.block - 1):
             raise ValueError(f"--block must be a power of two >= 16, got {self.block}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"--weight-rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if self.float_groups < 0:
             raise ValueError(f"--float-linears must be >= 0, got {self.float_groups}")
 
@@ -264,4 +271,22 @@ def plan_quantization(cal: Calibration, weights: Mapping[str, np.ndarray], opts:
         act = ActQuant.for_clip(clip, bits[k])
         groups.append(GroupPlan(k, cal.groups[k], None if k in floated else bits[k], act.scale, c.hot, side,
                                 a if s is not None else 0.0, importance[k], nsr, s))
+    if opts.rounding == "gptq" and cal.hessians:  # after every migration: they change producers' rows too
+        new_weights = _gptq_round(groups, cal, new_weights)
     return QuantPlan(tuple(groups), new_weights, channels)
+
+
+def _gptq_round(groups: list[GroupPlan], cal: Calibration, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The int8 linears' weights, GPTQ-rounded onto their grid (export/quant/gptq.py) with the
+    second moments of the inputs they see (x / s after smoothing: H / (s s^T))."""
+    out = dict(weights)
+    for g in groups:
+        h = cal.hessians.get(g.key)
+        if g.bits is None or h is None:
+            continue
+        if g.smooth is not None:
+            inv = 1.0 / g.smooth.astype(np.float64)
+            h = h * inv[:, None] * inv[None, :]
+        for name in g.linears:
+            out[name + ".weight"] = gptq_int8(out[name + ".weight"], h)
+    return out

@@ -34,6 +34,7 @@ from edge.export.quant.plan import QuantOptions, QuantPlan, plan_quantization
 
 FLOAT = QuantOptions(prefill="fp32", decode="fp32", cpu="fp32")
 CALIB_TOKENS, CALIB_WINDOW = 32768, 512
+HESSIAN_TOKENS = 8192  # GPTQ's second-moment matrices: a quarter of the budget (they cost ~8 ms/token here)
 CPU_CHUNK = 128  # the CPU plan's most prompt tokens per call: bounds the activations (and GQA's score buffer)
 INT4_ACCURACY_LEVEL = 4  # see linears.int4_linear
 
@@ -44,6 +45,7 @@ class CalibrationSpec:
     tokens: int = CALIB_TOKENS
     window: int = CALIB_WINDOW
     label: str = corpus.DEFAULT_LABEL
+    hessian_tokens: int = HESSIAN_TOKENS  # of them, the first this many also give GPTQ's input moments
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,9 @@ class Decoders:
 
 
 def calibration_windows(tokenizer_json: str, chat_template: str | None,
-                        spec: CalibrationSpec) -> tuple[list[list[int]], dict[str, int]]:
+                        spec: CalibrationSpec) -> list[tuple[str, list[int]]]:
     """``spec.tokens`` tokens of calibration text in windows of ``spec.window`` (each run as a fresh
-    context), taken from the corpus's domains in turn; and the tokens each domain gave. Chats use
+    context), taken from the corpus's domains in turn, as (domain, token ids). Chats use
     the model's template (its control tokens drive some channels far beyond plain text: x30 at
     some down_proj inputs of SmolLM2); without one they are plain "User:/Assistant:" text."""
     from edge.runtime.tokenizer import Tokenizer
@@ -83,10 +85,13 @@ def calibrate_and_plan(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], to
                     chat_template: str | None, options: ExportOptions, quant: QuantOptions, spec: CalibrationSpec,
                     progress: Progress, calibration: Calibration | None = None) -> tuple[QuantPlan, Calibration]:
     if calibration is None:
-        wins, used = calibration_windows(tokenizer_json, chat_template, spec)
+        wins = calibration_windows(tokenizer_json, chat_template, spec)
+        used = corpus.tokens_per_domain(wins)
         parts = ", ".join(f"{d} {n}" for d, n in used.items())
-        with progress.stage(f"calibrating on {sum(map(len, wins))} tokens in {len(wins)} windows ({parts})"):
-            calibration = calibrate(cfg, weights, wins, chunk=min(options.chunk_length, spec.window), progress=progress)
+        hess = corpus.hessian_weights(wins, spec.hessian_tokens) if quant.rounding == "gptq" else None
+        with progress.stage(f"calibrating on {sum(used.values())} tokens in {len(wins)} windows ({parts})"):
+            calibration = calibrate(cfg, weights, [ids for _, ids in wins], chunk=min(options.chunk_length, spec.window),
+                                    progress=progress, hessian=hess)
         calibration = dataclasses.replace(calibration, domains=used)
     with progress.stage("planning quantization (clip search, hot channels, smoothing)"):
         plan = plan_quantization(calibration, weights, quant, cfg.head_dim)
@@ -166,7 +171,7 @@ def manifest_record(quant: QuantOptions, plan: QuantPlan | None) -> dict[str, An
             "options": {"outliers": quant.outliers, "outlier_layers": quant.outlier_layers,
                         "hot_budget": quant.hot_budget, "smooth": quant.smooth, "act16": list(quant.act16),
                         **({"act16_budget": quant.act16_budget} if quant.act16_auto else {}),
-                        "float_linears": quant.float_groups},
+                        "float_linears": quant.float_groups, "weight_rounding": quant.rounding},
             **plan.record(),
         })
     if quant.decode != "fp32":

@@ -149,11 +149,11 @@ def _windows(t: Text, tok: Encoder, window: int, budget: int) -> list[list[int]]
     return [ids[i:i + window] for i in range(0, len(ids), window)]
 
 
-def windows(texts: Sequence[Text], tok: Encoder, window: int, tokens: int) -> tuple[list[list[int]], dict[str, int]]:
+def windows(texts: Sequence[Text], tok: Encoder, window: int, tokens: int) -> list[tuple[str, list[int]]]:
     """``tokens`` tokens in windows of at most ``window``, taken from the sources in turn (each a
-    fresh context when calibrated). Returns the windows and the tokens each domain gave."""
+    fresh context when calibrated), as (domain, token ids)."""
     queues = [_windows(t, tok, window, tokens) for t in texts]
-    out, used, total = [], {}, 0
+    out, total = [], 0
     pos = [0] * len(queues)
     while total < tokens and any(p < len(q) for p, q in zip(pos, queues)):
         for i, q in enumerate(queues):
@@ -162,8 +162,26 @@ def windows(texts: Sequence[Text], tok: Encoder, window: int, tokens: int) -> tu
             piece = q[pos[i]][: tokens - total]
             pos[i] += 1
             if piece:
-                out.append(piece)
+                out.append((texts[i].domain, piece))
                 total += len(piece)
-                used[texts[i].domain] = used.get(texts[i].domain, 0) + len(piece)
-    return out, used
+    return out
 
+
+def tokens_per_domain(wins: Sequence[tuple[str, Sequence[int]]]) -> dict[str, int]:
+    used: dict[str, int] = {}
+    for domain, ids in wins:
+        used[domain] = used.get(domain, 0) + len(ids)
+    return used
+
+
+def hessian_weights(wins: Sequence[tuple[str, Sequence[int]]], budget: int) -> list[float]:
+    """Per window, its weight in the input second-moment matrices GPTQ rounds with (0 = unused):
+    the first windows up to ``budget`` tokens (the domains alternate, so these span them all),
+    every domain given an equal share whatever its token count. Measured: balanced, GPTQ helps
+    the texts of other domains too; pooled, the largest domains (docs, code) pull it their way."""
+    picked, total = [], 0
+    for domain, ids in wins:
+        picked.append(total < budget)
+        total += len(ids) if picked[-1] else 0
+    used = tokens_per_domain([w for w, p in zip(wins, picked) if p])
+    return [1.0 / (len(used) * used[d]) if p else 0.0 for (d, _), p in zip(wins, picked)]
