@@ -263,4 +263,9 @@ def test_real_smollm2_split_tokens_match_fused(tmp_path_factory, scheme):
         b = split.prefill(split.embed(ids), split.new_cache(), all_logits=True)
         np.testing.assert_array_equal(b, a)
         assert list(split.generate_ids(ids, 16)) == list(fused.generate_ids(ids, 16))
-    assert "Paris" in split.generate("What is the capital of France?", max_new_tokens=24)
+    answer = split.generate("What is the capital of France?", max_new_tokens=24)
+    assert answer == fused.generate("What is the capital of France?", max_new_tokens=24)
+    # the float model's first answer token is a near tie ("The" vs "L", docs/quantization.md): with
+    # this test's small calibration (4k tokens) the W8A8 answer may start "L'Étoile"; the default
+    # budget answers Paris (tests/test_real_quant.py, the README's quick start)
+    assert "Paris" in answer or scheme == "w8a8", answer
