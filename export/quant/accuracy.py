@@ -27,6 +27,16 @@ def graph_perplexity(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], ids:
     """Perplexity of the prefill graph built from ``weights`` with ``linear`` (float by default).
     The graph's context is the window: positions past it are masked anyway, and fewer are faster.
     ``lookup``: the token table to embed with (default: the float one)."""
+    return graph_perplexities(cfg, weights, {label: ids}, chunk, linear, tokens, window, threads, progress, lookup,
+                              graph, **graph_kw)[label]
+
+
+def graph_perplexities(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], texts: Mapping[str, Sequence[int]],
+                       chunk: int, linear: LinearEmitter | None = None, tokens: int = EVAL_TOKENS,
+                       window: int = EVAL_WINDOW, threads: int = 0, progress: Progress | None = None,
+                       lookup: np.ndarray | None = None, graph: type[DecoderGraph] = DecoderGraph, **graph_kw) -> dict:
+    """graph_perplexity for several token sequences (label -> ids) with one graph and session
+    (building and loading the float graph costs seconds per call)."""
     from edge.runtime.chunks import ChunkRunner
     from edge.runtime.kv_cache import KVCache
     from edge.runtime.sessions import open_session, session_options
@@ -44,8 +54,11 @@ def graph_perplexity(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], ids:
     def logits_fn(w: list[int]) -> np.ndarray:
         return np.concatenate([out["logits"] for _, out in runner.run(emb[w][None], KVCache(cfg, context), "all")], 0)
 
-    bar: Callable[[int, int], None] | None = (lambda d, t: progress.bar(d, t, label)) if progress else None
-    return perplexity(logits_fn, ids, window, tokens, bar)
+    out = {}
+    for label, ids in texts.items():
+        bar: Callable[[int, int], None] | None = (lambda d, t, label=label: progress.bar(d, t, label)) if progress else None
+        out[label] = perplexity(logits_fn, ids, window, tokens, bar)
+    return out
 
 
 def report(float_ppl: float, quant_ppl: float, **extra) -> dict:
@@ -63,17 +76,20 @@ def texts_accuracy(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], model,
 
     window = min(window, model.max_context)  # as bundle_perplexity (and edge-eval) will
     out: dict[str, dict] = {}
+    texts: dict[str, tuple[str, str]] = {}
     for name, (description, load) in EVAL_TEXTS.items():
         try:
-            text = load()
+            texts[name] = (description, load())
         except PromptError as e:
             out[name] = {"text": description, "skipped": str(e)}
-            continue
+    missing = {f"float reference, {name}": (name, model.tokenizer.encode(text))
+               for name, (_, text) in texts.items() if name not in reference}
+    if missing:  # one float graph for every text
+        got = graph_perplexities(cfg, weights, {k: ids for k, (_, ids) in missing.items()}, chunk, tokens=tokens,
+                                 window=window, progress=progress)
+        reference.update({name: got[k].perplexity for k, (name, _) in missing.items()})
+    for name, (description, text) in texts.items():
         got = bundle_perplexity(model, text, tokens=tokens, window=window,
                                 progress=lambda d, t: progress.bar(d, t, f"{label}, {name}"))
-        if name not in reference:
-            ids = model.tokenizer.encode(text)
-            reference[name] = graph_perplexity(cfg, weights, ids, chunk, tokens=tokens, window=window,
-                                               progress=progress, label=f"float reference, {name}").perplexity
         out[name] = report(reference[name], got.perplexity, text=description, tokens=got.tokens, window=window)
-    return out
+    return dict(sorted(out.items(), key=lambda kv: list(EVAL_TEXTS).index(kv[0])))

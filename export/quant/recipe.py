@@ -1,11 +1,13 @@
 """Quantization inside edge-export: calibrate, plan, choose the graph builders, measure accuracy.
 
-Prefill linears follow the plan (W8A8 / W8A16 + side paths) on the smoothed weights. Decode:
+Prefill linears follow the plan (W8A8 / W8A16 + side paths) on the smoothed, GPTQ-rounded
+weights. Decode:
 - int8: int8 weight-only on the very tensors of the prefill graph (nothing added to the bundle);
 - int4: MatMulNBits blocks of the original (unsmoothed) weights: for a GGUF Q4_1 source these
   reproduce the file's own weights exactly;
 - fp32: float linears.
-Whenever prefill is quantized, the token table and output projection are the shared int8 rows.
+Whenever prefill is quantized, the token table and output projection are the CPU plan's 8-bit
+blocks, shared by every graph (export/quant/decoder.py).
 """
 
 from __future__ import annotations
