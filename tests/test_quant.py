@@ -297,6 +297,25 @@ def test_tiny_w8a8_manifest_records_the_plan(w8a8_bundle):
     assert "MatMulNBits" in {n.op_type for n in onnx.load(str(out / "decode.onnx"), load_external_data=False).graph.node}
 
 
+@pytest.mark.parametrize("plan", ["fused", "split"])
+def test_edge_eval_reproduces_the_fused_record_on_every_text(w8a8_bundle, plan):
+    """edge-eval --eval-text NAME measures what the export recorded for the W8A8 linears (the
+    split plan runs the fused plan's very linears and reads the same record)."""
+    from conftest import run_module
+
+    out, _ = w8a8_bundle
+    acc = json.loads((out / "manifest.json").read_text())["quantization"]["accuracy"]["fused"]
+    measured = [t for t, r in acc.items() if "quantized" in r]
+    assert "pydoc-heldout" in measured
+    for text in measured:
+        r = run_module("edge.runtime.eval_cli", out, "--perplexity", "--eval-text", text, "--plan", plan,
+                       "--tokens", "256", "--window", "128", "--json")
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        assert got["plan"] == plan and got["recorded_at_export"] == acc[text]
+        assert abs(got["perplexity"] - acc[text]["quantized"]) < 1e-3 * acc[text]["quantized"], (text, got)
+
+
 def test_cli_flags_reach_the_manifest(zoo, cli, tmp_path):
     out = tmp_path / "b"
     r = cli("edge.export.cli", zoo.folder("qwen2"), "-o", out, "--chunk", "16", "--context", "64", "--quant",
