@@ -45,13 +45,18 @@ class MinimalQDQLinear:
         self.out_scales: dict[str, float] = {}
 
     @staticmethod
-    def _qdq(g, x: str, tag: str, scale: float) -> str:
+    def _qdq(g, x: str, tag: str, scale: float, wide: bool = False) -> str:
+        """Q/DQ pair, uint8 (zero point 128) or, ``wide``, uint16 (32768): 16-bit types need the
+        com.microsoft ops below opset 21 (as onnxruntime's own quantizer writes them, and QNN reads them)."""
         s = g.const(f"{tag}/scale", np.array(scale, np.float32))
-        z = g.const(f"{tag}/zero_point", np.array(128, np.uint8))
-        return g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s, z], name=f"{tag}/q"), s, z], name=f"{tag}/dq")
+        z = g.const(f"{tag}/zero_point", np.array(32768, np.uint16) if wide else np.array(128, np.uint8))
+        dom = {"domain": "com.microsoft"} if wide else {}
+        return g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s, z], name=f"{tag}/q", **dom), s, z],
+                    name=f"{tag}/dq", **dom)
 
-    def __call__(self, g, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
-        xd = self._qdq(g, x, f"{name}/in", self.in_clip / 127)
+    def _linear(self, g, xd: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> tuple[str, float]:
+        """MatMul with DQ(int8 W^T per column) (+ bias), and the output range a random-normal
+        calibration of this weight gives."""
         ws = (np.abs(weight).max(1) / 127).astype(np.float32)
         wq = np.clip(np.round(weight / ws[:, None]), -127, 127).astype(np.int8)
         wd = g.op("DequantizeLinear", [g.weight(name + ".w8t", np.ascontiguousarray(wq.T)), g.weight(name + ".w8s", ws),
@@ -60,8 +65,11 @@ class MinimalQDQLinear:
         if bias is not None:
             y = g.op("Add", [y, g.weight(name + ".bias", bias)], name=f"{name}/bias")
         calib = self.rng.normal(0, 1, (256, weight.shape[1])).astype(np.float32) @ weight.T
-        scale = float(np.abs(calib).max() * 1.5 / 127)
-        self.out_scales[name] = scale
+        return y, float(np.abs(calib).max() * 1.5)
+
+    def __call__(self, g, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
+        y, out_range = self._linear(g, self._qdq(g, x, f"{name}/in", self.in_clip / 127), name, weight, bias)
+        self.out_scales[name] = scale = out_range / 127
         return self._qdq(g, y, f"{name}/out", scale)
 
 
@@ -159,32 +167,12 @@ class PlanQDQLinear(MinimalQDQLinear):
 
     def __call__(self, g, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
         act = self.plans[name].act
-        lo, hi = act.bounds
-        if act.bits == 8:
-            s, z = np.array(act.scale, np.float32), np.array(128, np.uint8)
-        else:
-            s, z = np.array((hi - lo) / 65535, np.float32), np.array(32768, np.uint16)
-        s, z = g.const(f"{name}/in/scale", s), g.const(f"{name}/in/zp", z)
-        xd = self._qdq16(g, x, s, z, f"{name}/in", wide=act.bits == 16)
-        ws = (np.abs(weight).max(1) / 127).astype(np.float32)
-        wq = np.clip(np.round(weight / ws[:, None]), -127, 127).astype(np.int8)
-        wd = g.op("DequantizeLinear", [g.weight(name + ".w8t", np.ascontiguousarray(wq.T)), g.weight(name + ".w8s", ws),
-                                       g.weight(name + ".w8z", np.zeros(ws.shape, np.int8))], name=f"{name}/w_dq", axis=1)
-        y = g.op("MatMul", [xd, wd], name=name)
-        calib = self.rng.normal(0, 1, (256, weight.shape[1])).astype(np.float32) @ weight.T
         wide = act.bits == 16
-        self.out_scales[name] = scale = float(np.abs(calib).max() * 1.5 / (32767 if wide else 127))
-        zo = np.array(32768, np.uint16) if wide else np.array(128, np.uint8)
-        so, zo = g.const(f"{name}/out/scale", np.array(scale, np.float32)), g.const(f"{name}/out/zp", zo)
-        return self._qdq16(g, y, so, zo, f"{name}/out", wide=wide)
-
-    @staticmethod
-    def _qdq16(g, x: str, s: str, z: str, tag: str, wide: bool) -> str:
-        """Q/DQ pair; 16-bit types need the com.microsoft ops below opset 21 (as onnxruntime's own
-        quantizer writes them, and QNN reads them)."""
-        dom = {"domain": "com.microsoft"} if wide else {}
-        return g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s, z], name=f"{tag}/q", **dom), s, z],
-                    name=f"{tag}/dq", **dom)
+        lo, hi = act.bounds
+        y, out_range = self._linear(g, self._qdq(g, x, f"{name}/in", (hi - lo) / 65535 if wide else act.scale, wide),
+                                    name, weight, bias)
+        self.out_scales[name] = scale = out_range / (32767 if wide else 127)
+        return self._qdq(g, y, f"{name}/out", scale, wide)
 
 
 def test_plan_with_16bit_activations_runs_entirely_on_qnn(zoo, tmp_path):

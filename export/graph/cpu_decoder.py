@@ -26,7 +26,7 @@ from edge.config import DecoderConfig
 
 from edge.export.graph.builder import GraphBuilder, WeightStore
 from edge.export.graph.decoder import rope_tables
-from edge.export.quant.blocks import BLOCK, Blocks, quantize_blocks
+from edge.export.quant.blocks import BLOCK, Blocks, at_width
 
 F32, F16, I32, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT32, TensorProto.INT64
 KV_DTYPES = {"fp32": F32, "fp16": F16}
@@ -69,8 +69,7 @@ def nbits_linear(bits: int) -> CpuLinear:
     """MatMulNBits at ``bits``: the source's own blocks where they have that width (GGUF Q4_1 for
     4 bits, Q8_0 for 8), else the float weight rounded to asymmetric blocks of 32."""
     def emit(g: GraphBuilder, x: str, name: str, w: np.ndarray, blocks: Blocks | None) -> str:
-        return _matmulnbits(g, x, name, blocks if blocks is not None and blocks.bits == bits
-                            else quantize_blocks(w, bits))
+        return _matmulnbits(g, x, name, at_width(w, blocks, bits))
     return emit
 
 
@@ -184,8 +183,7 @@ class CpuDecoderGraph:
                             name="embed_tokens/columns", axis=1)
                 return g.op("Transpose", [cols], name="embed_tokens", perm=[1, 2, 0])
             return g.op("Gather", [g.weight(PREFIX + "embed_tokens", table), ids], name="embed_tokens", axis=0)
-        src = self.blocks.get("model.embed_tokens.weight")
-        b = src if src is not None and src.bits == 8 else quantize_blocks(table, 8)
+        b = at_width(table, self.blocks.get("model.embed_tokens.weight"), 8)
         nb = b.q.shape[1]
         # GatherBlockQuantized reads [vocab, H] data with [vocab, H / 32] scales and zero points:
         # the head's MatMulNBits bytes viewed in that shape when tied (stored once, whichever

@@ -86,6 +86,12 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int = BLOCK) -> Blocks:
     return Blocks(q.astype(np.uint8), scale.astype(np.float32), zero.astype(np.uint8), None, bits)
 
 
+def at_width(w: np.ndarray, source: Blocks | None, bits: int) -> Blocks:
+    """The source's own blocks where they have this width (a GGUF Q4_1 / Q8_0 tensor), else ``w``
+    rounded to asymmetric blocks: what every block-quantized linear and table is built from."""
+    return source if source is not None and source.bits == bits else quantize_blocks(w, bits)
+
+
 # ------------------------------------------------------------------ GGUF block formats
 
 

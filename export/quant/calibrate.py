@@ -150,8 +150,8 @@ def calibrate(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], windows: Se
     from edge.runtime.sessions import open_session, session_options
 
     progress = progress or Progress(enabled=False)
-    hessian = list(hessian) if hessian is not None else [0.0] * len(windows)
-    wins, hessian = [list(w) for w in windows if len(w)], [h for w, h in zip(windows, hessian) if len(w)]
+    pairs = [(list(w), h) for w, h in zip(windows, hessian if hessian is not None else [0.0] * len(windows)) if len(w)]
+    wins, hessian = [w for w, _ in pairs], [h for _, h in pairs]
     window = -(-max(map(len, wins)) // chunk) * chunk
     with tempfile.TemporaryDirectory(prefix="edge-calib-") as tmp:
         store = WeightStore()

@@ -20,7 +20,7 @@ from edge.config import DecoderConfig
 from edge.export.graph.builder import GraphBuilder, WeightStore
 from edge.export.graph.cpu_decoder import CpuDecoderGraph
 from edge.export.graph.decoder import DecoderGraph, LinearEmitter
-from edge.export.quant.blocks import Blocks, quantize_blocks
+from edge.export.quant.blocks import Blocks, at_width
 
 TABLE = "model.embed_tokens"
 
@@ -56,6 +56,4 @@ def build_block_embed_graph(cfg: DecoderConfig, weights: Mapping[str, np.ndarray
 
 def table_lookup(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], blocks: Mapping[str, Blocks] | None) -> np.ndarray:
     """The float rows the block table dequantizes to (what the graph evaluator embeds with)."""
-    src = (blocks or {}).get(TABLE + ".weight")
-    b = src if src is not None and src.bits == 8 else quantize_blocks(weights[TABLE + ".weight"], 8)
-    return b.dequantize()
+    return at_width(weights[TABLE + ".weight"], (blocks or {}).get(TABLE + ".weight"), 8).dequantize()

@@ -36,7 +36,7 @@ from edge.export.quant.plan import QuantOptions, QuantPlan, plan_quantization
 
 FLOAT = QuantOptions(prefill="fp32", decode="fp32", cpu="fp32")
 CALIB_TOKENS, CALIB_WINDOW = 32768, 512
-HESSIAN_TOKENS = 8192  # GPTQ's second-moment matrices: a quarter of the budget (they cost ~8 ms/token here)
+HESSIAN_TOKENS = 8192  # GPTQ's second-moment matrices: a quarter of the budget (~25 s of calibration on 2 cores)
 CPU_CHUNK = 128  # the CPU plan's most prompt tokens per call: bounds the activations (and GQA's score buffer)
 INT4_ACCURACY_LEVEL = 4  # see linears.int4_linear
 
