@@ -255,3 +255,42 @@ def test_fp16_kv_cache(zoo, tmp_path):
     assert np.abs(a - b).max() > 0  # really a different cache type
     tokens = list(half.generate_ids(ids, 5, stop_ids=[]))
     assert tokens[0] == int(a[-1].argmax())
+
+
+# ---------------------------------------------------------------- the token table read in numpy
+
+
+@pytest.mark.parametrize("kind", ("int8", "int4"))
+def test_table_rows_equal_the_embed_graph(cpu_bundles, kind):
+    """The CPU plan reads its 8-bit token table with pread + numpy (runtime/table_lookup.py) and
+    skips the embed session: rows equal GatherBlockQuantized's exactly, repeated ids included."""
+    import onnxruntime as ort
+
+    model = Model.load(cpu_bundles[kind])
+    assert model.table is not None and "embed" not in model.sessions
+    graph = cpu_bundles[kind] / model.bundle.manifest.graphs[model.bundle.manifest.plans.cpu.embed].file
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    ids = np.array(ids_of(40, seed=5) + [7, 7, 0, model.config.vocab_size - 1], np.int64)
+    want = session.run(None, {"input_ids": ids[None]})[0]
+    assert np.array_equal(model.embed(ids.tolist()), want)
+    assert np.array_equal(model.embed([int(ids[3])]), want[:, 3:4])
+
+
+def test_float_table_keeps_the_embed_session(zoo):
+    model = zoo.model("llama", 16, plan="cpu")  # fp32 bundle: a float Gather, not 8-bit blocks
+    assert model.table is None and "embed" in model.sessions
+
+
+def test_table_record_outside_the_file_is_refused(cpu_bundles, tmp_path):
+    import shutil
+
+    from edge.errors import BundleError
+    from edge.runtime.table_lookup import BlockTable
+
+    bundle = tmp_path / "b"
+    shutil.copytree(cpu_bundles["int8"], bundle)
+    weights = next(p for p in bundle.iterdir() if p.suffix == ".bin")
+    with open(weights, "r+b") as f:  # the file lost its tail: the table's records no longer fit
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(BundleError, match="does not fit"):
+        BlockTable.from_graph(bundle / "cpu_embed.onnx", 300, 64)
