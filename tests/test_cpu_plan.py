@@ -95,6 +95,15 @@ def test_odd_prompt_then_decode_and_rollback(zoo):
     got = model.prefill(model.embed(tail), cache, all_logits=True)
     fresh = model.prefill(model.embed(ids[:10] + tail), model.new_cache(), all_logits=True)[10:]
     np.testing.assert_allclose(got, fresh, atol=1e-4, rtol=0)
+    # decode steps after that prompt call: the fixed decode buffers were rebound by the prompt call,
+    # and a step's logits are the caller's own (the next step does not overwrite them)
+    first = model.decode_step(int(np.argmax(got[-1])), cache)
+    kept = first.copy()
+    second = model.decode_step(int(np.argmax(first)), cache)
+    np.testing.assert_array_equal(first, kept)
+    seq = ids[:10] + tail + [int(np.argmax(got[-1])), int(np.argmax(first))]
+    ref = model.prefill(model.embed(seq), model.new_cache(), all_logits=True)
+    np.testing.assert_allclose(np.stack([first, second]), ref[-2:], atol=1e-4, rtol=0)
 
 
 def test_prompt_longer_than_one_call(zoo, tmp_path):
