@@ -28,6 +28,7 @@ from edge.config import ExportOptions  # noqa: E402
 from edge.progress import Progress  # noqa: E402
 from edge.runtime import Model  # noqa: E402
 from edge.runtime.lanes import Device, Lane, list_devices, qnn_ep_devices  # noqa: E402
+from edge.runtime.sessions import session_options  # noqa: E402
 
 CHUNK = 16
 ACCEL_STAGES = ("qkv", "o_proj", "gate_up", "down")
@@ -126,7 +127,12 @@ def test_accelerator_subgraphs_run_entirely_on_qnn(qdq_bundle, tmp_path):
             got = sess.run(None, feeds)
             nodes = [e for e in json.loads(open(sess.end_profiling()).read()) if e.get("cat") == "Node"]
             assert nodes and {e["args"]["provider"] for e in nodes} == {"QNNExecutionProvider"}, key
-            ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+            # the reference: the QDQ graph's own arithmetic, unfused (with fusions the CPU EP runs
+            # MLAS's u8s8 GEMM, which saturates int16 pair sums on CPUs without VNNI: 6 output
+            # steps off on an AVX2-only machine, 2026-12-02)
+            plain = ort.SessionOptions()
+            plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            ref = ort.InferenceSession(str(path), plain, providers=["CPUExecutionProvider"]).run(None, feeds)
             layer = key.rsplit(".", 1)[1]
             for out, want, name in zip(got, ref, STAGE_LINEARS[stage.name]):
                 step = emitter.out_scales[f"model.layers.{layer}.{name}"]
@@ -142,7 +148,21 @@ def test_split_prefill_with_qnn_lane_matches_cpu_lanes(qdq_bundle, zoo):
     on_qnn = Model.load(bundle, plan="split", accelerator="qnn", verify_hashes=False)
     assert on_qnn.split_prefill.lanes["accel"].device.name == "qnn"
     assert not on_qnn.split_prefill.flexible  # a real accelerator: affinity decides
-    on_cpu = Model.load(bundle, plan="split", accelerator="cpu", verify_hashes=False)
+    # the CPU lanes unfused: the QDQ arithmetic itself (fused, the CPU EP's u8s8 GEMM saturates int16
+    # pair sums on CPUs without VNNI, and the CPU lanes were further from QNN than from float on an
+    # AVX2-only machine, 2026-12-02)
+    import edge.runtime.lanes as lanes_module
+    import edge.runtime.model as model_module
+
+    def unfused(threads, arena=True):
+        so = session_options(threads, arena)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return so
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lanes_module, "session_options", unfused)
+        mp.setattr(model_module, "session_options", unfused)
+        on_cpu = Model.load(bundle, plan="split", accelerator="cpu", verify_hashes=False)
     ids = np.random.default_rng(7).integers(0, 300, CHUNK + 5).tolist()  # two chunks, the last partial
     a = on_qnn.prefill(on_qnn.embed(ids), on_qnn.new_cache(), all_logits=True)
     b = on_cpu.prefill(on_cpu.embed(ids), on_cpu.new_cache(), all_logits=True)
