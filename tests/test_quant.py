@@ -11,6 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
+from conftest import SATURATING_INT8
+
 from edge.export.quant.reference import (
     ActQuant,
     LinearQuant,
@@ -134,6 +136,7 @@ def test_smooth_scales_balance_ranges():
 # ---------------------------------------------------------------- emitters vs reference
 
 
+@SATURATING_INT8
 @pytest.mark.parametrize("hot", ((), (5, 17)))
 def test_w8a8_emitter_matches_reference_and_fuses(tmp_path, data, hot):
     x, w, b = data
@@ -377,6 +380,7 @@ def tied_w8a8_bundle(zoo, tmp_path_factory):
     return out
 
 
+@SATURATING_INT8
 def test_tied_w8a8_decode_head_fused_and_close_to_float(tied_w8a8_bundle, zoo, tmp_path):
     """Decode steps of a tied W8A8 bundle (int8 weight-only decode, the table's int8 rows as the
     output projection) against the float bundle's decode steps on the same tokens."""
