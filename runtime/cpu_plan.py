@@ -90,8 +90,8 @@ class CpuCache:
 class DecodeStep:
     """One token's call with nothing allocated or rebound per step: the embedding row, the lengths
     and the logits are numpy buffers wrapped as OrtValues and bound once; a step writes the inputs
-    in place and reads the logits buffer (per-step binding and the output allocation cost ~1.5 ms
-    of a ~15 ms SmolLM2 step, 2026-12-02)."""
+    in place and reads the logits buffer (per-step binding and the output allocation cost ~0.6-1 ms
+    of a 13-17 ms SmolLM2 step on an AVX2 machine, 2026-12-02)."""
 
     def __init__(self, io: ort.IOBinding, hidden: int, vocab: int):
         self.embeds = np.zeros((1, 1, hidden), np.float32)

@@ -47,6 +47,8 @@ class BlockTable:
         """The table the embed graph ``graph`` gathers from, or None when the graph is not an 8-bit
         block table (data [vocab, hidden] uint8, scale [vocab, hidden / block] float32, zero the
         same shape in uint8, all in one weight file)."""
+        if not hasattr(os, "pread"):  # Windows: the embed session reads the table
+            return None
         tensors = external_initializers(graph)
         data = [t for t in tensors if t.dtype == _U8 and t.dims == (vocab, hidden)]
         if len(data) != 1 or len(tensors) != 3 or len({t.location for t in tensors}) != 1:
