@@ -64,16 +64,22 @@ class CpuCache:
                     self._bound[f"{kind}_{i}"] = v
                     io.bind_ortvalue_input(f"past_{kind}_{i}", v)
                     io.bind_ortvalue_output(f"present_{kind}_{i}", v)
-            self._io = (session, io)
+            self._io, self._step = (session, io), None
         return self._io[1]
 
     def decode_binding(self, session: ort.InferenceSession, hidden: int, vocab: int) -> "DecodeStep":
         """The binding with one decode step's inputs and logits bound to fixed buffers (a prompt
         call rebinds them: ``release_step``)."""
-        io = self.binding(session)
         if self._step is None:
-            self._step = DecodeStep(io, hidden, vocab)
+            self._step = DecodeStep(self.binding(session), hidden, vocab)
         return self._step
+
+    def room_for(self, n: int) -> int:
+        """The token count after adding ``n`` tokens; PromptError when they do not fit."""
+        total = self.length + n
+        if total > self.capacity:
+            raise PromptError(f"{total} tokens do not fit in the context of {self.capacity}")
+        return total
 
     def release_step(self) -> None:
         self._step = None
@@ -94,6 +100,7 @@ class DecodeStep:
     of a 13-17 ms SmolLM2 step on an AVX2 machine, 2026-12-02)."""
 
     def __init__(self, io: ort.IOBinding, hidden: int, vocab: int):
+        self.io = io
         self.embeds = np.zeros((1, 1, hidden), np.float32)
         self.seqlens = np.zeros(1, np.int32)
         self.total = np.zeros((), np.int32)
@@ -123,10 +130,7 @@ class CpuPlan:
 
     def run(self, embeds: np.ndarray, cache: CpuCache, rows: np.ndarray) -> np.ndarray:
         """embeds [1, S, H] at position cache.length -> logits [R, V] of ``rows`` (of the S)."""
-        s = embeds.shape[1]
-        total = cache.length + s
-        if total > cache.capacity:
-            raise PromptError(f"{total} tokens do not fit in the context of {cache.capacity}")
+        total = cache.room_for(embeds.shape[1])
         io = cache.binding(self.session)
         cache.release_step()  # the bindings below replace the decode step's buffers
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, np.float32))
@@ -154,12 +158,10 @@ class CpuPlan:
 
     def decode_step(self, embeds: np.ndarray, cache: CpuCache) -> np.ndarray:
         """embeds [1, 1, H] at position cache.length -> logits [V] (a copy: the buffer is reused)."""
-        total = cache.length + 1
-        if total > cache.capacity:
-            raise PromptError(f"{total} tokens do not fit in the context of {cache.capacity}")
+        total = cache.room_for(1)
         step = cache.decode_binding(self.session, self.cfg.hidden_size, self.cfg.vocab_size)
         step.embeds[...] = embeds.reshape(step.embeds.shape)
         step.seqlens[0], step.total[...] = total - 1, total
-        self.session.run_with_iobinding(cache.binding(self.session))
+        self.session.run_with_iobinding(step.io)
         cache.length = total
         return step.logits[0, 0].copy()

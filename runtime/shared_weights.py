@@ -92,6 +92,14 @@ def external_initializers(path: Path) -> list[ExternalTensor]:
     return read_graph_file(path, scan)
 
 
+def check_fits(graph: Path, t: ExternalTensor, file_size: int) -> None:
+    """Refuse a record that reads outside its file or whose length is not its shape's."""
+    want = int(np.prod(t.dims, dtype=np.int64)) * np.dtype(_DTYPES[t.dtype]).itemsize
+    if t.length != want or t.offset < 0 or t.offset + t.length > file_size:
+        raise BundleError(f"{graph}: tensor {t.name!r} external data (offset {t.offset}, length {t.length}) "
+                          f"does not fit {t.location} ({file_size} bytes) or its shape {list(t.dims)}")
+
+
 class SharedWeights:
     """Memory maps of a bundle's weight files and the OrtValues over them, shared by all sessions."""
 
@@ -114,10 +122,7 @@ class SharedWeights:
             if dtype is None or t.length < _MIN_BYTES:
                 return None  # onnxruntime reads it itself
             data = self._file(t.location)
-            want = int(np.prod(t.dims, dtype=np.int64)) * np.dtype(dtype).itemsize
-            if t.length != want or t.offset < 0 or t.offset + t.length > data.size:
-                raise BundleError(f"{graph}: tensor {t.name!r} external data (offset {t.offset}, length {t.length}) "
-                                  f"does not fit {t.location} ({data.size} bytes) or its shape {list(t.dims)}")
+            check_fits(graph, t, data.size)
             if t.offset % np.dtype(dtype).itemsize:
                 return None  # unaligned: let onnxruntime copy it
             arr = data[t.offset:t.offset + t.length].view(dtype).reshape(t.dims)

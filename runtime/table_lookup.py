@@ -20,7 +20,7 @@ import numpy as np
 
 from edge.errors import BundleError
 
-from edge.runtime.shared_weights import ExternalTensor, external_initializers
+from edge.runtime.shared_weights import ExternalTensor, check_fits, external_initializers
 
 _U8, _F32 = 2, 1  # TensorProto data types
 
@@ -30,12 +30,12 @@ class BlockTable:
     read from one file by offset."""
 
     def __init__(self, path: Path, data: ExternalTensor, scale: ExternalTensor, zero: ExternalTensor):
-        self.path, self.vocab, self.hidden = path, data.dims[0], data.dims[1]
-        self.blocks = scale.dims[1]
+        self.path, self.hidden, self.blocks = path, data.dims[1], scale.dims[1]
         self.block = self.hidden // self.blocks
-        # (offset, bytes per row, dtype) of data, scale, zero
-        self.parts = ((data.offset, self.hidden, np.uint8), (scale.offset, 4 * self.blocks, np.float32),
-                      (zero.offset, self.blocks, np.uint8))
+        # (offset, bytes per row, dtype) of each part
+        self.data = (data.offset, self.hidden, np.uint8)
+        self.scale = (scale.offset, 4 * self.blocks, np.float32)
+        self.zero = (zero.offset, self.blocks, np.uint8)
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
 
     def __del__(self):
@@ -61,14 +61,12 @@ class BlockTable:
             return None
         path = graph.parent / data[0].location  # location checked against the manifest (bundle.py)
         size = path.stat().st_size
-        for t, itemsize in ((data[0], 1), (scale[0], 4), (zero[0], 1)):
-            if t.length != int(np.prod(t.dims)) * itemsize or t.offset < 0 or t.offset + t.length > size:
-                raise BundleError(f"{graph}: tensor {t.name!r} external data (offset {t.offset}, length {t.length}) "
-                                  f"does not fit {t.location} ({size} bytes) or its shape {list(t.dims)}")
+        for t in (data[0], scale[0], zero[0]):
+            check_fits(graph, t, size)
         return cls(path, data[0], scale[0], zero[0])
 
-    def _rows(self, ids: np.ndarray, part: int) -> np.ndarray:
-        offset, width, dtype = self.parts[part]
+    def _rows(self, ids: np.ndarray, part: tuple[int, int, type]) -> np.ndarray:
+        offset, width, dtype = part
         out = bytearray(width * len(ids))
         for i, token in enumerate(ids.tolist()):
             row = os.pread(self.fd, width, offset + token * width)
@@ -80,7 +78,7 @@ class BlockTable:
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         """ids [1, n] int64 (range-checked by the caller) -> embeddings [1, n, hidden] float32."""
         unique, where = np.unique(ids.reshape(-1), return_inverse=True)
-        q = self._rows(unique, 0).reshape(len(unique), self.blocks, self.block).astype(np.float32)
-        scale, zero = self._rows(unique, 1), self._rows(unique, 2).astype(np.float32)
+        q = self._rows(unique, self.data).reshape(len(unique), self.blocks, self.block).astype(np.float32)
+        scale, zero = self._rows(unique, self.scale), self._rows(unique, self.zero).astype(np.float32)
         rows = ((q - zero[:, :, None]) * scale[:, :, None]).reshape(len(unique), self.hidden)
         return rows[where.reshape(-1)].reshape(1, ids.size, self.hidden)

@@ -31,6 +31,13 @@ from edge.runtime.lanes import Device, Lane, list_devices, qnn_ep_devices  # noq
 from edge.runtime.sessions import session_options  # noqa: E402
 
 CHUNK = 16
+
+
+def unfused_options(threads: int = 0, arena: bool = True) -> ort.SessionOptions:
+    """edge's session options with graph optimizations off: a QDQ graph's own arithmetic."""
+    so = session_options(threads, arena)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return so
 ACCEL_STAGES = ("qkv", "o_proj", "gate_up", "down")
 STAGE_LINEARS = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "o_proj": ["self_attn.o_proj"],
                  "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "down": ["mlp.down_proj"]}
@@ -130,9 +137,7 @@ def test_accelerator_subgraphs_run_entirely_on_qnn(qdq_bundle, tmp_path):
             # the reference: the QDQ graph's own arithmetic, unfused (with fusions the CPU EP runs
             # MLAS's u8s8 GEMM, which saturates int16 pair sums on CPUs without VNNI: 6 output
             # steps off on an AVX2-only machine, 2026-12-02)
-            plain = ort.SessionOptions()
-            plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            ref = ort.InferenceSession(str(path), plain, providers=["CPUExecutionProvider"]).run(None, feeds)
+            ref = ort.InferenceSession(str(path), unfused_options(), providers=["CPUExecutionProvider"]).run(None, feeds)
             layer = key.rsplit(".", 1)[1]
             for out, want, name in zip(got, ref, STAGE_LINEARS[stage.name]):
                 step = emitter.out_scales[f"model.layers.{layer}.{name}"]
@@ -154,14 +159,9 @@ def test_split_prefill_with_qnn_lane_matches_cpu_lanes(qdq_bundle, zoo):
     import edge.runtime.lanes as lanes_module
     import edge.runtime.model as model_module
 
-    def unfused(threads, arena=True):
-        so = session_options(threads, arena)
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        return so
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lanes_module, "session_options", unfused)
-        mp.setattr(model_module, "session_options", unfused)
+        mp.setattr(lanes_module, "session_options", unfused_options)
+        mp.setattr(model_module, "session_options", unfused_options)
         on_cpu = Model.load(bundle, plan="split", accelerator="cpu", verify_hashes=False)
     ids = np.random.default_rng(7).integers(0, 300, CHUNK + 5).tolist()  # two chunks, the last partial
     a = on_qnn.prefill(on_qnn.embed(ids), on_qnn.new_cache(), all_logits=True)
