@@ -24,7 +24,7 @@ import onnxruntime as ort
 from edge.budget import check_threads
 from edge.errors import DeviceError
 
-from edge.runtime.sessions import open_session, session_options
+from edge.runtime.sessions import open_session, qdq_unfused, session_options
 
 if TYPE_CHECKING:
     from edge.runtime.shared_weights import SharedWeights
@@ -162,14 +162,19 @@ class Lane:
             so.add_provider_for_devices(qnn_ep_devices(), {"backend_type": "htp"})
         return so
 
-    def session(self, path: Path | str) -> ort.InferenceSession:
-        key = (str(path), self.key)
+    def session(self, path: Path | str, unfused_int8: bool = False) -> ort.InferenceSession:
+        """``unfused_int8``: a static-int8 graph whose fused int8 GEMM would saturate on this CPU
+        (sessions.qdq_unfused); only the CPU EP's own lanes are affected."""
+        unfused_int8 = unfused_int8 and self.device.provider == "CPUExecutionProvider"
+        key = (str(path), self.key, unfused_int8)
         if key not in self.pool:
             providers = None if self.device.name == "qnn" else list(dict.fromkeys([self.device.provider,
                                                                                   "CPUExecutionProvider"]))
             so = self.options()
             if self.shared is not None and self.device.cpu_backed:
                 so = self.shared.session_options(Path(path), so)
+            if unfused_int8:
+                so = qdq_unfused(so)
             self.pool[key] = open_session(path, so, providers, who=f"lane {self.name} ({self.device.provider})")
         return self.pool[key]
 

@@ -3,6 +3,9 @@ names the graph file when onnxruntime cannot load it."""
 
 from __future__ import annotations
 
+import functools
+import os
+import platform
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +16,40 @@ from edge.errors import BundleError
 from edge.manifest import GraphSpec
 
 CPU = ("CPUExecutionProvider",)
+# prefill schemes whose graphs quantize activations statically (Q/DQ around int8 GEMMs)
+STATIC_INT8_PREFILL = ("w8a8", "w8a8-nooutliers")
+
+
+@functools.cache
+def int8_gemm_saturates() -> bool:
+    """x86-64 without VNNI: MLAS's u8s8 GEMM (what the CPU EP fuses a static Q/DQ MatMul into) adds
+    pairs of u8 x s8 products in int16 with saturation (vpmaddubsw). Seen on an AVX2-only AMD EPYC
+    on 2026-12-02: a W8A8 linear 0.46 off its reference on 2.5% of outputs, the real W8A8 bundle's
+    perplexity over its bound. ARM (SDOT/I8MM) and VNNI CPUs are exact. ``EDGE_INT8_GEMM_SATURATES``
+    = 1 / 0 overrides the detection (an emulated CPU's /proc/cpuinfo shows the host's flags)."""
+    forced = os.environ.get("EDGE_INT8_GEMM_SATURATES")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return not flags & {"avx512_vnni", "avx_vnni"}
+
+
+def unfuse_static_int8(prefill_scheme: str) -> bool:
+    """Whether graphs of this prefill scheme must open with ``qdq_unfused`` on this CPU."""
+    return prefill_scheme in STATIC_INT8_PREFILL and int8_gemm_saturates()
+
+
+def qdq_unfused(so: ort.SessionOptions) -> ort.SessionOptions:
+    """``so`` with onnxruntime's Q/DQ fusions off: a static-int8 graph then runs its own arithmetic
+    (DQ -> float MatMul -> Q), exact where the fused u8s8 GEMM would saturate, at fp32 speed (on
+    such a CPU the int8 GEMM is no faster than fp32 at prompt sizes anyway, docs/cpu_plan.md)."""
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return so
 
 
 def session_options(threads: int, arena: bool = True) -> ort.SessionOptions:

@@ -35,8 +35,10 @@ _NP = {"float32": np.float32, "int64": np.int64}
 
 
 class SplitPrefill:
-    def __init__(self, bundle: Bundle, lanes: dict[str, Lane], measure_runs: int = 3, lookahead: int = 4):
-        """``lanes``: from edge.runtime.lanes.make_lanes; ``measure_runs``: timings per stage at load."""
+    def __init__(self, bundle: Bundle, lanes: dict[str, Lane], measure_runs: int = 3, lookahead: int = 4,
+                 unfused_int8: bool = False):
+        """``lanes``: from edge.runtime.lanes.make_lanes; ``measure_runs``: timings per stage at load;
+        ``unfused_int8``: the CPU lanes run the static-int8 stages unfused (sessions.qdq_unfused)."""
         m: Manifest = bundle.manifest
         if m.plans.split is None:
             raise BundleError(f"{bundle.path}: the bundle has no split plan (re-export with --plans fused,split)")
@@ -57,7 +59,7 @@ class SplitPrefill:
             for key in dict.fromkeys(s.graphs):
                 spec = m.graphs[key]
                 for ln in self.can_run[s.name]:
-                    sess = lanes[ln].session(bundle.file(spec.file))
+                    sess = lanes[ln].session(bundle.file(spec.file), unfused_int8)
                     check_session_io(sess, spec, str(bundle.file(spec.file)))
                     self.sessions[(key, ln)] = sess
         self.io = {key: ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])

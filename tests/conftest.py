@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from edge.runtime.sessions import int8_gemm_saturates
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
@@ -181,23 +183,7 @@ def vlm(tmp_path_factory) -> "VLM":
     return VLM(tmp_path_factory.mktemp("vlm"))
 
 
-def int8_gemm_saturates() -> bool:
-    """x86-64 without VNNI: MLAS's u8s8 GEMM (the CPU EP's fused QDQ MatMul, i.e. the static W8A8
-    plans' linears) adds pairs of u8 x s8 products in int16 with saturation (vpmaddubsw). Seen on
-    an AVX2-only AMD EPYC on 2026-12-02: the W8A8 emitter 0.46 off its reference on 2.5% of outputs,
-    the real W8A8 bundle's perplexity over its bound. ARM (SDOT/I8MM) and VNNI CPUs are exact."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return not flags & {"avx512_vnni", "avx_vnni"}
-
-
-# the static-W8A8 numerics checks on such a CPU: reported as xfail (a known platform defect of the
-# accelerator plans run on the CPU EP there, docs/cpu_plan.md), never as passed
+# checks of the fused int8 GEMM itself on a CPU where it saturates (edge.runtime.sessions.int8_gemm_saturates;
+# the runtime opens static-int8 graphs unfused there): reported as xfail, never as passed
 SATURATING_INT8 = pytest.mark.xfail(int8_gemm_saturates(), strict=False,
                                     reason="x86-64 without VNNI: MLAS's u8s8 GEMM saturates int16 pair sums")

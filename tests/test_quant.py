@@ -380,7 +380,48 @@ def tied_w8a8_bundle(zoo, tmp_path_factory):
     return out
 
 
-@SATURATING_INT8
+def _unfused(sess) -> bool:
+    try:
+        return sess.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
+    except RuntimeError:  # onnxruntime raises for a key never set
+        return False
+
+
+def test_static_int8_prefill_opens_unfused_where_the_int8_gemm_saturates(tied_w8a8_bundle, monkeypatch):
+    """Where MLAS's fused u8s8 GEMM saturates (x86 without VNNI; forced here), the runtime opens the
+    static W8A8 prefill with the Q/DQ fusions off and gets the graph's own arithmetic; the decode
+    graph (weight-only int8 -> MatMulNBits) keeps its fusions. Under qemu-x86_64 -cpu Haswell on a
+    tiny W8A8 bundle: fused 0.158 off in norm, unfused 2.8e-7 (2026-12-06)."""
+    import edge.runtime.model as model_module
+    import edge.runtime.sessions as sessions
+    from edge.runtime import Model
+    from edge.runtime.lanes import make_lanes
+
+    ids = list(range(3, 40))  # three chunks, the last partial
+    monkeypatch.setattr(sessions, "int8_gemm_saturates", lambda: False)
+    plain = Model.load(tied_w8a8_bundle, threads=1)
+    assert not plain.static_int8_unfused and not _unfused(plain.sessions["prefill"])
+
+    def reference_options(threads: int = 0, arena: bool = True) -> ort.SessionOptions:
+        so = sessions.session_options(threads, arena)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return so
+
+    with pytest.MonkeyPatch.context() as mp:  # the Q/DQ graph's own arithmetic, every optimization off
+        mp.setattr(model_module, "session_options", reference_options)
+        ref = Model.load(tied_w8a8_bundle, threads=1)
+    monkeypatch.setattr(sessions, "int8_gemm_saturates", lambda: True)
+    q = Model.load(tied_w8a8_bundle, threads=1)
+    assert q.static_int8_unfused and _unfused(q.sessions["prefill"]) and not _unfused(q.sessions["decode"])
+    got, want = (m.prefill(m.embed(ids), m.new_cache(), all_logits=True) for m in (q, ref))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # the split plan's CPU lanes: a separate session per choice, the option only where asked
+    lane = make_lanes("cpu")["cpu"]
+    graph = tied_w8a8_bundle / "prefill.onnx"
+    assert _unfused(lane.session(graph, unfused_int8=True)) and not _unfused(lane.session(graph))
+    assert len(lane.pool) == 2
+
+
 def test_tied_w8a8_decode_head_fused_and_close_to_float(tied_w8a8_bundle, zoo, tmp_path):
     """Decode steps of a tied W8A8 bundle (int8 weight-only decode, the table's int8 rows as the
     output projection) against the float bundle's decode steps on the same tokens."""
