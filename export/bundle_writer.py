@@ -150,12 +150,12 @@ def _swap(tmp: Path, target: Path) -> None:
     the old one; if the second rename fails, put the old bundle back."""
     old, old_fd, done = None, None, False
     try:
-        if target.exists():
-            old, old_fd = _owned_folder(target, "old")
-            os.rename(target, old / "bundle")
         try:
+            if target.exists():
+                old, old_fd = _owned_folder(target, "old")
+                os.rename(target, old / "bundle")
             os.rename(tmp, target)
-        except BaseException as e:
+        except BaseException as e:  # also an interrupt (Ctrl-C, SIGTERM) between the two renames
             if old is not None and (old / "bundle").exists() and not target.exists():
                 os.rename(old / "bundle", target)  # the new bundle did not move in: put the old one back
             if isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 from edge.budget import MAX_CONTEXT
 from edge.cli_errors import add_debug_flag, bounded_int, cli_boundary
@@ -54,6 +58,24 @@ def _multimodal(model: str) -> bool:
         return False  # unsupported: export_model says so
 
 
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a service manager, ``kill``, a CI timeout) unwinds the export like Ctrl-C does, so
+    the atomic writer removes its working folder and a half-done swap puts the old bundle back;
+    left to the default action, the process would die with its hidden folder still there."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    if threading.current_thread() is not threading.main_thread():  # handlers live on the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @cli_boundary("edge-export")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -72,10 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(total_steps=steps(calibrates(quant, options), measured=measures(quant, accuracy, options)),
                         enabled=not args.quiet)
     try:
-        manifest = export_model(args.model, args.output, options, progress, quant=quant, calibration=calib,
-                                accuracy=accuracy)
-    except KeyboardInterrupt:  # write_atomically removed its working folder; the target was not touched
-        raise KeyboardInterrupt(f"interrupted (Ctrl-C); {args.output} is unchanged (no bundle was written)") from None
+        with _sigterm_as_interrupt():
+            manifest = export_model(args.model, args.output, options, progress, quant=quant, calibration=calib,
+                                    accuracy=accuracy)
+    except KeyboardInterrupt as e:  # write_atomically removed its working folder; the target was not touched
+        raise KeyboardInterrupt(f"{e or 'interrupted (Ctrl-C)'}; {args.output} is unchanged (no bundle was "
+                                "written)") from None
     if not args.quiet:
         size = sum(r["size"] for r in manifest.files.values())
         print(f"wrote {args.output}: {len(manifest.graphs)} graphs, {size / 1e6:.1f} MB, "

@@ -255,3 +255,21 @@ def test_rerun_removes_stale_folders_of_every_vintage(versions, tmp_path):
     rerun_cli(folder, target)
     assert state_of(target, prev_files, new_files) == "new"
     assert stale(tmp_path) == []
+
+
+@pytest.mark.parametrize("step", ["after save graph", "after rename bundle -> bundle"])
+def test_sigterm_unwinds_the_export(versions, tmp_path, step):
+    """SIGTERM (kill, a service manager, a CI timeout) mid-write or between the swap's two renames:
+    the export unwinds like Ctrl-C, so the previous bundle is in place, complete, and no hidden
+    working or swap folder stays behind (the default action would leave them for the next export)."""
+    folder, prev, _, _ = versions
+    target = tmp_path / "bundle"
+    shutil.copytree(prev, target)
+    proc = start_export(folder, target, NEW, EDGE_STEP_PAUSE=step, EDGE_STEP_GO=str(tmp_path / "never"))
+    wait_for_step(proc, step)
+    assert stale(tmp_path), "the export holds a working folder at this step"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "terminated (SIGTERM)" in err and "is unchanged" in err, err[-2000:]
+    assert chunk_of(target) == PREVIOUS["chunk"] and stale(tmp_path) == []
