@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest = export_model(args.model, args.output, options, progress, quant=quant, calibration=calib,
                                     accuracy=accuracy)
     except KeyboardInterrupt as e:  # write_atomically removed its working folder; the target was not touched
-        raise KeyboardInterrupt(f"{e or 'interrupted (Ctrl-C)'}; {args.output} is unchanged (no bundle was "
+        raise KeyboardInterrupt(f"{str(e) or 'interrupted (Ctrl-C)'}; {args.output} is unchanged (no bundle was "
                                 "written)") from None
     if not args.quiet:
         size = sum(r["size"] for r in manifest.files.values())
