@@ -45,9 +45,9 @@ class Model:
         self.config, self.chunk_length, self.max_context = m.model, m.chunk_length, m.max_context
         self.tokenizer = Tokenizer(bundle.file(m.tokenizer["file"]), m.tokenizer.get("chat_template"),
                                    manifest={"model": m.model.to_dict(), "tokenizer": m.tokenizer})
-        # the CPU plan's one session without onnxruntime's arena: its chunks' activations come and go
-        # with malloc instead of staying reserved at the arena's rounded-up peak (-5 MB, same speed)
-        so = session_options(threads, arena=self.plan != "cpu")
+        # with onnxruntime's arena (also the CPU plan: without it, glibc's heap peaked 6-23 MiB higher
+        # over 1-4 prompts of 512 + 64 tokens, docs/cpu_plan.md)
+        so = session_options(threads)
         self.shared_weights = SharedWeights(bundle.path) if share_weights else None
         self.sessions: dict[str, ort.InferenceSession] = {}
         # static W8A8 graphs on an x86 CPU whose int8 GEMM saturates: run unfused, exact (sessions.py)
