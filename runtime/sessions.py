@@ -46,8 +46,8 @@ def unfuse_static_int8(prefill_scheme: str) -> bool:
 
 def qdq_unfused(so: ort.SessionOptions) -> ort.SessionOptions:
     """``so`` with onnxruntime's Q/DQ fusions off: a static-int8 graph then runs its own arithmetic
-    (DQ -> float MatMul -> Q), exact where the fused u8s8 GEMM would saturate, at fp32 speed (on
-    such a CPU the int8 GEMM is no faster than fp32 at prompt sizes anyway, docs/cpu_plan.md)."""
+    (DQ -> float MatMul -> Q), exact where the fused u8s8 GEMM would saturate; slower (the weights
+    are dequantized on every call), which is why the runtime only does it there (docs/cpu_plan.md)."""
     so.add_session_config_entry("session.disable_quant_qdq", "1")
     return so
 
