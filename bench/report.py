@@ -188,15 +188,17 @@ def plot(report: dict, path: str | Path) -> list[Path]:
         ax.set_xticks(range(len(lengths)), [f"{n} tok" for n in lengths])
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
     m = report["meta"]
     skipped = [f"{s['name']}: {s['status']} ({s.get('reason')})" for s in report["systems"]
                if s["status"] in ("skipped", "failed")]
+    # one legend under the panels: inside a panel it covered the first bars' labels
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(measured), 6), fontsize=8,
+               bbox_to_anchor=(0.5, 0.04 if skipped else 0.0), frameon=False)
     fig.suptitle(f"edge-bench: {m['machine']['cpu']}, {m['threads']} threads, {m['new_tokens']} new tokens, "
                  f"medians of {m['rounds']}x{m['repeat']} runs (bars: min-max), {m['date'][:10]}", fontsize=10)
     if skipped:
         fig.text(0.01, 0.01, "not measured: " + "; ".join(skipped), fontsize=7, wrap=True)
-    fig.tight_layout(rect=(0, 0.05 if skipped else 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.11 if skipped else 0.07, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
