@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.runtime.sessions import int8_gemm_saturates
+from edge.runtime.sessions import int8_gemm_saturates, session_options
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -181,6 +181,16 @@ class VLM:
 @pytest.fixture(scope="session")
 def vlm(tmp_path_factory) -> "VLM":
     return VLM(tmp_path_factory.mktemp("vlm"))
+
+
+def unfused_options(threads: int = 0, arena: bool = True):
+    """edge's session options with graph optimizations off: a Q/DQ graph's own arithmetic (the
+    reference where the CPU EP's fused int8 GEMM would saturate)."""
+    import onnxruntime as ort
+
+    so = session_options(threads, arena)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return so
 
 
 # checks of the fused int8 GEMM itself on a CPU where it saturates (edge.runtime.sessions.int8_gemm_saturates;

@@ -28,16 +28,9 @@ from edge.config import ExportOptions  # noqa: E402
 from edge.progress import Progress  # noqa: E402
 from edge.runtime import Model  # noqa: E402
 from edge.runtime.lanes import Device, Lane, list_devices, qnn_ep_devices  # noqa: E402
-from edge.runtime.sessions import session_options  # noqa: E402
+from conftest import unfused_options  # noqa: E402
 
 CHUNK = 16
-
-
-def unfused_options(threads: int = 0, arena: bool = True) -> ort.SessionOptions:
-    """edge's session options with graph optimizations off: a QDQ graph's own arithmetic."""
-    so = session_options(threads, arena)
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return so
 ACCEL_STAGES = ("qkv", "o_proj", "gate_up", "down")
 STAGE_LINEARS = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "o_proj": ["self_attn.o_proj"],
                  "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "down": ["mlp.down_proj"]}

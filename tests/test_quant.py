@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from conftest import SATURATING_INT8
+from conftest import SATURATING_INT8, unfused_options
 
 from edge.export.quant.reference import (
     ActQuant,
@@ -402,13 +402,8 @@ def test_static_int8_prefill_opens_unfused_where_the_int8_gemm_saturates(tied_w8
     plain = Model.load(tied_w8a8_bundle, threads=1)
     assert not plain.static_int8_unfused and not _unfused(plain.sessions["prefill"])
 
-    def reference_options(threads: int = 0, arena: bool = True) -> ort.SessionOptions:
-        so = sessions.session_options(threads, arena)
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        return so
-
     with pytest.MonkeyPatch.context() as mp:  # the Q/DQ graph's own arithmetic, every optimization off
-        mp.setattr(model_module, "session_options", reference_options)
+        mp.setattr(model_module, "session_options", unfused_options)
         ref = Model.load(tied_w8a8_bundle, threads=1)
     monkeypatch.setattr(sessions, "int8_gemm_saturates", lambda: True)
     q = Model.load(tied_w8a8_bundle, threads=1)
