@@ -29,7 +29,7 @@ from edge.export.graph.cpu_decoder import CpuDecoderGraph
 from edge.export.graph.builder import WeightStore, io_specs
 from edge.export.graph.split import build_split
 from edge.export.graph.vision import build_vision_graph
-from edge.export.quant.recipe import (CPU_CHUNK, FLOAT, AccuracySpec, CalibrationSpec, calibrate_and_plan, cpu_record,
+from edge.export.quant.recipe import (CPU_CHUNK, FLOAT, AccuracySpec, CalibrationSpec, calibrate_and_plan,
                                       decode_accuracy, decoders)
 from edge.export.quant.accuracy import texts_accuracy
 from edge.export.quant.plan import QuantOptions, QuantPlan
@@ -129,7 +129,7 @@ def build_graphs(m: Loaded, options: ExportOptions, quant: QuantOptions, q: Quan
             graphs["cpu"] = (cpu.build(), "cpu.onnx", "cpu")
             graphs["cpu_embed"] = (cpu.build_embed(), "cpu_embed.onnx", "embed")
             cpu_plan = CpuPlan(linears=quant.cpu, chunk=min(CPU_CHUNK, options.max_context), kv=options.kv_cache)
-            record["cpu"] = cpu_record(quant.cpu, m.source.blocks)
+            record["cpu"] = cpu.record()
         split_plan = None
         if "fused" in options.plans:
             parts = decoders(m.cfg, m.weights, store, options.max_context, quant, q.plan, m.source.blocks)

@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stats:
         ttft = (first or t2) - t1
         decode_tps = (n - 1) / (t2 - first) if first and n > 1 else 0.0
-        # a static-int8 plan on a CPU whose int8 GEMM saturates runs unfused (exact, slower): say so
-        plan = f"{model.plan} (int8 unfused: this CPU's int8 GEMM saturates)" if model.static_int8_unfused else model.plan
+        # an int8-GEMM plan on a CPU whose int8 GEMM saturates runs unfused (exact, slower): say so
+        plan = f"{model.plan} (int8 unfused: this CPU's int8 GEMM saturates)" if model.int8_unfused else model.plan
         print(f"plan {plan} | load {t_load:.2f}s | prompt {len(ids)} tokens, first token after {ttft * 1e3:.0f} ms "
               f"({len(ids) / ttft:.0f} tok/s) | {n} new tokens, decode {decode_tps:.1f} tok/s", file=sys.stderr)
     trace = model.split_prefill.last_trace if model.split_prefill is not None else None

@@ -17,7 +17,7 @@ from edge.runtime.cpu_plan import CpuCache, CpuPlan
 from edge.runtime.kv_cache import KVCache
 from edge.runtime.lanes import pick_plan
 from edge.runtime.sampling import Sampler, SamplingParams
-from edge.runtime.sessions import open_session, qdq_unfused, session_options, unfuse_static_int8
+from edge.runtime.sessions import open_session, qdq_unfused, session_options, unfuse_int8
 from edge.runtime.shared_weights import SharedWeights, clone_options, trim_heap
 from edge.runtime.table_lookup import BlockTable
 from edge.runtime.tokenizer import Tokenizer, check_text
@@ -50,8 +50,9 @@ class Model:
         so = session_options(threads)
         self.shared_weights = SharedWeights(bundle.path) if share_weights else None
         self.sessions: dict[str, ort.InferenceSession] = {}
-        # static W8A8 graphs on an x86 CPU whose int8 GEMM saturates: run unfused, exact (sessions.py)
-        self.static_int8_unfused = self.plan != "cpu" and unfuse_static_int8(m.quantization.get("prefill", "fp32"))
+        # int8-GEMM graphs (static W8A8, int8dyn) on an x86 CPU whose int8 GEMM saturates: run
+        # unfused, exact (sessions.py)
+        self.int8_unfused = unfuse_int8(m.plans.cpu.linears if self.plan == "cpu" else m.quantization.get("prefill", "fp32"))
         graphs = {"cpu": {"embed": m.plans.cpu.embed, "cpu": m.plans.cpu.graph} if m.plans.cpu else {},
                   "fused": {"embed": "embed", "decode": "decode", "prefill": "prefill"},
                   "split": {"embed": "embed", "decode": "decode"}}[self.plan]
@@ -64,7 +65,7 @@ class Model:
             spec = m.graphs[key]
             path = bundle.file(spec.file)
             role_so = self.shared_weights.session_options(path, so) if self.shared_weights else so
-            if role == "prefill" and self.static_int8_unfused:
+            if role in ("prefill", "cpu") and self.int8_unfused:
                 role_so = qdq_unfused(clone_options(role_so) if role_so is so else role_so)
             self.sessions[role] = open_session(path, role_so, spec=spec)
         self.chunks = ChunkRunner(self.sessions["prefill"], self.chunk_length) if self.plan == "fused" else None
@@ -81,7 +82,7 @@ class Model:
             from edge.runtime.split_prefill import SplitPrefill
 
             self.split_prefill = SplitPrefill(bundle, make_lanes(accelerator, lane_threads, lane_threads, self.shared_weights),
-                                              unfused_int8=self.static_int8_unfused)
+                                              unfused_int8=self.int8_unfused)
         trim_heap()  # what building the sessions freed
 
     @classmethod

@@ -16,8 +16,9 @@ from edge.errors import BundleError
 from edge.manifest import GraphSpec
 
 CPU = ("CPUExecutionProvider",)
-# prefill schemes whose graphs quantize activations statically (Q/DQ around int8 GEMMs)
-STATIC_INT8_PREFILL = ("w8a8", "w8a8-nooutliers")
+# graphs whose MatMuls are Q/DQ patterns that the CPU EP fuses into its u8s8 GEMM: the static
+# W8A8 prefill schemes and the CPU plan's int8dyn linears (dynamic activation scales)
+INT8_GEMM_GRAPHS = ("w8a8", "w8a8-nooutliers", "int8dyn")
 
 
 @functools.cache
@@ -39,15 +40,17 @@ def int8_gemm_saturates() -> bool:
     return not flags & {"avx512_vnni", "avx_vnni"}
 
 
-def unfuse_static_int8(prefill_scheme: str) -> bool:
-    """Whether graphs of this prefill scheme must open with ``qdq_unfused`` on this CPU."""
-    return prefill_scheme in STATIC_INT8_PREFILL and int8_gemm_saturates()
+def unfuse_int8(kind: str) -> bool:
+    """Whether graphs of this kind (a prefill scheme, or the CPU plan's linears) must open with
+    ``qdq_unfused`` on this CPU."""
+    return kind in INT8_GEMM_GRAPHS and int8_gemm_saturates()
 
 
 def qdq_unfused(so: ort.SessionOptions) -> ort.SessionOptions:
-    """``so`` with onnxruntime's Q/DQ fusions off: a static-int8 graph then runs its own arithmetic
-    (DQ -> float MatMul -> Q), exact where the fused u8s8 GEMM would saturate; slower (the weights
-    are dequantized on every call), which is why the runtime only does it there (docs/cpu_plan.md)."""
+    """``so`` with onnxruntime's Q/DQ fusions off: an int8-GEMM graph then runs its own arithmetic
+    (DQ -> float MatMul -> Q), exact where the fused u8s8 GEMM would saturate; slower (static
+    W8A8: the weights are dequantized on every call; int8dyn: folded into a float copy at load),
+    which is why the runtime only does it there (docs/cpu_plan.md)."""
     so.add_session_config_entry("session.disable_quant_qdq", "1")
     return so
 

@@ -193,6 +193,14 @@ def unfused_options(threads: int = 0, arena: bool = True):
     return so
 
 
+def opened_unfused(sess) -> bool:
+    """Whether a session was opened with edge.runtime.sessions.qdq_unfused."""
+    try:
+        return sess.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
+    except RuntimeError:  # onnxruntime raises for a key never set
+        return False
+
+
 # checks of the fused int8 GEMM itself on a CPU where it saturates (edge.runtime.sessions.int8_gemm_saturates;
 # the runtime opens static-int8 graphs unfused there): reported as xfail, never as passed
 SATURATING_INT8 = pytest.mark.xfail(int8_gemm_saturates(), strict=False,

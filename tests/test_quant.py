@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from conftest import SATURATING_INT8, unfused_options
+from conftest import SATURATING_INT8, opened_unfused as _unfused, unfused_options
 
 from edge.export.quant.reference import (
     ActQuant,
@@ -380,13 +380,6 @@ def tied_w8a8_bundle(zoo, tmp_path_factory):
     return out
 
 
-def _unfused(sess) -> bool:
-    try:
-        return sess.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
-    except RuntimeError:  # onnxruntime raises for a key never set
-        return False
-
-
 def test_static_int8_prefill_opens_unfused_where_the_int8_gemm_saturates(tied_w8a8_bundle, monkeypatch):
     """Where MLAS's fused u8s8 GEMM saturates (x86 without VNNI; forced here), the runtime opens the
     static W8A8 prefill with the Q/DQ fusions off and gets the graph's own arithmetic; the decode
@@ -400,14 +393,14 @@ def test_static_int8_prefill_opens_unfused_where_the_int8_gemm_saturates(tied_w8
     ids = list(range(3, 40))  # three chunks, the last partial
     monkeypatch.setattr(sessions, "int8_gemm_saturates", lambda: False)
     plain = Model.load(tied_w8a8_bundle, threads=1)
-    assert not plain.static_int8_unfused and not _unfused(plain.sessions["prefill"])
+    assert not plain.int8_unfused and not _unfused(plain.sessions["prefill"])
 
     with pytest.MonkeyPatch.context() as mp:  # the Q/DQ graph's own arithmetic, every optimization off
         mp.setattr(model_module, "session_options", unfused_options)
         ref = Model.load(tied_w8a8_bundle, threads=1)
     monkeypatch.setattr(sessions, "int8_gemm_saturates", lambda: True)
     q = Model.load(tied_w8a8_bundle, threads=1)
-    assert q.static_int8_unfused and _unfused(q.sessions["prefill"]) and not _unfused(q.sessions["decode"])
+    assert q.int8_unfused and _unfused(q.sessions["prefill"]) and not _unfused(q.sessions["decode"])
     got, want = (m.prefill(m.embed(ids), m.new_cache(), all_logits=True) for m in (q, ref))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     # the split plan's CPU lanes: a separate session per choice, the option only where asked

@@ -1,6 +1,6 @@
-"""The real SmolLM2-135M through the CPU plan: CPU-only bundles (int8, int4) exported from the
-Q4_1 GGUF, their accuracy on two kinds of text as recorded in the manifest, the Paris answer, and
-the CPU plan's tokens against the split plan's on a float bundle."""
+"""The real SmolLM2-135M through the CPU plan: CPU-only bundles (int8dyn, the default; int8; int4)
+exported from the Q4_1 GGUF, their accuracy on two kinds of text as recorded in the manifest, the
+Paris answer, and the CPU plan's tokens against the split plan's on a float bundle."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from edge.progress import Progress
 from edge.runtime import Model
 
 pytestmark = pytest.mark.real
+KINDS = ("int8dyn", "int8", "int4")
 TOKENS = 4096  # per text (the default export measures 8,192; docs/quantization.md has those figures)
 
 
@@ -25,14 +26,14 @@ TOKENS = 4096  # per text (the default export measures 8,192; docs/quantization.
 def cpu_bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2-cpu")
     out = {}
-    for kind in ("int8", "int4"):
+    for kind in KINDS:
         out[kind] = root / kind
         export_model("smollm2-135m", out[kind], ExportOptions(max_context=1024, plans=("cpu",)),
                      Progress(enabled=False), quant=QuantOptions(cpu=kind), accuracy=AccuracySpec(tokens=TOKENS))
     return out
 
 
-@pytest.mark.parametrize("kind", ("int8", "int4"))
+@pytest.mark.parametrize("kind", KINDS)
 def test_cpu_bundle_within_one_percent_on_two_texts(cpu_bundles, kind):
     m = json.loads((cpu_bundles[kind] / "manifest.json").read_text())
     acc = m["quantization"]["accuracy"]["cpu"]
@@ -48,6 +49,7 @@ def test_cpu_bundle_within_one_percent_on_two_texts(cpu_bundles, kind):
     # "What is the capital of France?" is a near-tie for the float model's first token ("The" 25.33
     # vs "L" 25.24): int4 noise, and int8 on an AVX2-only CPU (24.75 vs 24.70), flip it into
     # "L'Étoile, ...". This prompt has a clear answer (both bundles, 2026-12-02)
+    ("int8dyn", ["--prompt", "Tell me the capital of France."]),
     ("int8", ["--prompt", "Tell me the capital of France."]),
     ("int4", ["--prompt", "Tell me the capital of France."]),
 ])
@@ -58,7 +60,7 @@ def test_cpu_bundle_answers_paris(cpu_bundles, kind, prompt):
 
 
 def test_edge_eval_reproduces_the_recorded_license_figure(cpu_bundles):
-    r = run_module("edge.runtime.eval_cli", cpu_bundles["int8"], "--perplexity", "--licenses", "--tokens", str(TOKENS),
+    r = run_module("edge.runtime.eval_cli", cpu_bundles["int8dyn"], "--perplexity", "--licenses", "--tokens", str(TOKENS),
                    "--json", timeout=600)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)

@@ -17,6 +17,7 @@ Inputs: inputs_embeds [1, S, H] (the embed graph's lookup, or image-merged embed
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
@@ -27,6 +28,8 @@ from edge.config import DecoderConfig
 from edge.export.graph.builder import GraphBuilder, WeightStore
 from edge.export.graph.decoder import rope_tables
 from edge.export.quant.blocks import BLOCK, Blocks, at_width
+from edge.export.quant.reference import quantize_weight_int8
+from edge.export.quant.rotation import hadamard, rotate_weights, rotated_names, stream_rotation, unrotate
 
 F32, F16, I32, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT32, TensorProto.INT64
 KV_DTYPES = {"fp32": F32, "fp16": F16}
@@ -73,30 +76,102 @@ def nbits_linear(bits: int) -> CpuLinear:
     return emit
 
 
-CPU_LINEARS: dict[str, CpuLinear] = {"fp32": float_matmul, "int8": nbits_linear(8), "int4": nbits_linear(4)}
-HEAD_FOR = {"fp32": "fp32", "int8": "int8", "int4": "int8"}  # the tied table/head stays 8-bit
+def dynamic_int8_linear(g: GraphBuilder, x: str, name: str, w: np.ndarray, blocks: Blocks | None) -> str:
+    """x quantized to uint8 with one scale per call at run time (DynamicQuantizeLinear), W int8
+    [in, out] with one scale per output column, as DQ -> MatMul <- DQ: onnxruntime fuses that into
+    DynamicQuantizeMatMul (its int8 GEMM, B prepacked once), and the runtime opens it unfused
+    where that GEMM saturates (edge.runtime.sessions.int8_gemm_saturates). Only for inputs whose
+    channels a rotation has evened out (CpuScheme.rotate)."""
+    q, scale = quantize_weight_int8(w)
+    xq, xs, xz = g.op("DynamicQuantizeLinear", [x], name=name + "/quantize_input", n_out=3)
+    xd = g.op("DequantizeLinear", [xq, xs, xz], name=name + "/input")
+    wd = g.op("DequantizeLinear", [g.weight(PREFIX + name + ".i8T", np.ascontiguousarray(q.T)),
+                                   g.weight(PREFIX + name + ".i8scale", scale),
+                                   g.weight(PREFIX + name + ".i8zero", np.zeros(len(scale), np.int8))],
+              name=name + "/weight", axis=1)
+    return g.op("MatMul", [xd, wd], name=name)
+
+
+LINEAR_FORMS = {  # for the manifest
+    "int8": "MatMulNBits 8-bit blocks of 32, accuracy_level 4 (int8 compute, activations quantized per block "
+            "of 32 at run time)",
+    "int4": "MatMulNBits 4-bit blocks of 32, accuracy_level 4 (a Q4_1 source: + its per-block offsets)",
+    "dyn8": "DynamicQuantizeLinear -> DQ -> MatMul <- DQ (int8 weights, one scale per output channel; "
+            "activations uint8, one scale per call, at run time), fused by onnxruntime into DynamicQuantizeMatMul",
+    "fp32": "MatMul, float32",
+}
+CPU_LINEARS: dict[str, CpuLinear] = {"fp32": float_matmul, "int8": nbits_linear(8), "int4": nbits_linear(4),
+                                     "dyn8": dynamic_int8_linear}
+
+
+@dataclass(frozen=True)
+class CpuScheme:
+    """Which CPU_LINEARS kind each role gets: the linears fed by a norm (q|k|v, gate|up), the
+    ones that write the residual stream (o, down: their inputs keep their outlier channels) and
+    the output projection (with the token table it shares when tied)."""
+
+    norm_fed: str
+    writers: str
+    head: str
+    rotate: bool = False  # the residual stream rotated (export/quant/rotation.py)
+
+
+CPU_SCHEMES: dict[str, CpuScheme] = {
+    "fp32": CpuScheme("fp32", "fp32", "fp32"),
+    "int8": CpuScheme("int8", "int8", "int8"),
+    "int4": CpuScheme("int4", "int4", "int8"),  # the head stays 8-bit (4-bit blocks cost ~8% perplexity)
+    "int8dyn": CpuScheme("dyn8", "int8", "int8", rotate=True),
+}
+ROTATION_SEED = 0
 
 
 class CpuDecoderGraph:
-    """``linears``: a CPU_LINEARS key for the decoder's linears; the output projection (and the
-    token table, which the tied head shares) gets HEAD_FOR[linears]."""
+    """``linears``: a CPU_SCHEMES key."""
 
     def __init__(self, cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store: WeightStore, max_context: int,
                  linears: str = "int8", blocks: Mapping[str, Blocks] | None = None, kv: str = "fp32"):
-        if linears not in CPU_LINEARS:
-            raise ValueError(f"CPU linears {linears!r}: expected one of {', '.join(CPU_LINEARS)}")
+        if linears not in CPU_SCHEMES:
+            raise ValueError(f"CPU linears {linears!r}: expected one of {', '.join(CPU_SCHEMES)}")
         if kv not in KV_DTYPES:
             raise ValueError(f"KV cache {kv!r}: expected one of {', '.join(KV_DTYPES)}")
         self.kv = kv
         self.cfg, self.w, self.store, self.max_context = cfg, weights, store, max_context
-        self.linears, self.head = linears, HEAD_FOR[linears]
-        self.blocks = blocks or {}
+        self.scheme = CPU_SCHEMES[linears]
+        self.linears, self.head = linears, self.scheme.head
+        self.blocks = dict(blocks or {})
+        self.rotation = self.unrotation = None
+        if self.scheme.rotate:
+            q = stream_rotation(cfg.hidden_size, ROTATION_SEED)
+            self.rotation, self.unrotation = q.astype(np.float32), unrotate(weights, q)
+            self.w = rotate_weights(cfg, weights, q)
+            dropped = rotated_names(cfg)  # a source's blocks of the rotated tensors no longer apply
+            self.blocks = {k: v for k, v in self.blocks.items() if k not in dropped}
 
-    def linear(self, g: GraphBuilder, x: str, name: str, parts: list[str], kind: str | None = None) -> str:
-        """One linear over the stacked rows of ``parts`` (HF names without .weight)."""
+    def record(self) -> dict:
+        """What the linears are, for the manifest's quantization.cpu."""
+        if self.linears == "fp32":
+            return {"linears": "fp32", "form": "MatMul, float32"}
+        s = self.scheme
+        kinds = sorted({"Q4_1" if b.offset is not None else "Q8_0" for b in self.blocks.values()})
+        rec = {"linears": self.linears, "head": s.head,
+               "form": {role: LINEAR_FORMS[kind] for role, kind in
+                        (("q|k|v, gate|up", s.norm_fed), ("o, down", s.writers), ("head", s.head))},
+               "token_table": "GatherBlockQuantized on the head's 8-bit blocks" if self.cfg.tie_word_embeddings
+                              else "GatherBlockQuantized, 8-bit blocks of 32",
+               "source_blocks": f"the source's own {', '.join(kinds)} blocks where their width matches"
+                                if kinds else "none (round to nearest, asymmetric blocks)"}
+        if s.rotate:
+            rec["rotation"] = {"kind": "randomized Hadamard" if hadamard(self.cfg.hidden_size) is not None
+                               else "Haar-random orthogonal", "size": self.cfg.hidden_size, "seed": ROTATION_SEED,
+                               "folded": "norm weights into q|k|v and gate|up; o and down write the rotated stream"}
+        return rec
+
+    def linear(self, g: GraphBuilder, x: str, name: str, parts: list[str], kind: str) -> str:
+        """One linear over the stacked rows of ``parts`` (HF names without .weight), of CPU_LINEARS
+        ``kind``."""
         w = np.concatenate([self.w[p + ".weight"] for p in parts]) if len(parts) > 1 else self.w[parts[0] + ".weight"]
         blocks = Blocks.stack([self.blocks.get(p + ".weight") for p in parts])
-        y = CPU_LINEARS[kind or self.linears](g, x, name, w, blocks)
+        y = CPU_LINEARS[kind](g, x, name, w, blocks)
         biases = [self.w.get(p + ".bias") for p in parts]
         if any(b is not None for b in biases):
             bias = np.concatenate([b if b is not None else np.zeros(len(self.w[p + ".weight"]), np.float32)
@@ -121,6 +196,8 @@ class CpuDecoderGraph:
             cos_t, sin_t = cos_t.astype(np.float16), sin_t.astype(np.float16)
         cos, sin = g.weight(PREFIX + "rope.cos", cos_t), g.weight(PREFIX + "rope.sin", sin_t)
         eps = cfg.rms_norm_eps
+        if self.rotation is not None:
+            h = g.op("MatMul", [h, g.weight(PREFIX + "rotation", self.rotation)], name="rotate_stream")
         x = g.op("SimplifiedLayerNormalization", [h, self.norm_weight(g, "model.layers.0.input_layernorm.weight")],
                  name="model.layers.0.input_layernorm", axis=-1, epsilon=eps)
         residual = h
@@ -128,7 +205,8 @@ class CpuDecoderGraph:
             p = f"model.layers.{i}"
             for t in ("key", "value"):
                 g.input(f"past_{t}_{i}", kv_t, kv)
-            qkv = self.linear(g, x, f"{p}.self_attn.qkv_proj", [f"{p}.self_attn.{t}_proj" for t in "qkv"])
+            qkv = self.linear(g, x, f"{p}.self_attn.qkv_proj", [f"{p}.self_attn.{t}_proj" for t in "qkv"],
+                              self.scheme.norm_fed)
             if half:
                 qkv = g.op("Cast", [qkv], name=f"{p}.self_attn/to_fp16", to=F16)
             # present_* are the node's own outputs (an Identity to a graph output would be a second
@@ -140,27 +218,30 @@ class CpuDecoderGraph:
             g.output(attn[1], f"present_key_{i}", kv_t, kv)
             g.output(attn[2], f"present_value_{i}", kv_t, kv)
             ctx = g.op("Cast", [attn[0]], name=f"{p}.self_attn/to_fp32", to=F32) if half else attn[0]
-            o = self.linear(g, ctx, f"{p}.self_attn.o_proj", [f"{p}.self_attn.o_proj"])
+            o = self.linear(g, ctx, f"{p}.self_attn.o_proj", [f"{p}.self_attn.o_proj"], self.scheme.writers)
             x, _, _, residual = g.op("SkipSimplifiedLayerNormalization",
                                      [o, residual, self.norm_weight(g, f"{p}.post_attention_layernorm.weight")],
                                      name=f"{p}.post_attention_layernorm", n_out=4, domain=MS, epsilon=eps)
-            gu = self.linear(g, x, f"{p}.mlp.gate_up_proj", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])
+            gu = self.linear(g, x, f"{p}.mlp.gate_up_proj", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"],
+                             self.scheme.norm_fed)
             gate, up = g.op("Split", [gu, g.const("split_ffn", np.array([cfg.intermediate_size] * 2, np.int64))],
                             name=f"{p}.mlp/split", n_out=2, axis=-1)
             act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{p}.mlp/sigmoid")], name=f"{p}.mlp/silu"),
                                up], name=f"{p}.mlp/gated")
-            down = self.linear(g, act, f"{p}.mlp.down_proj", [f"{p}.mlp.down_proj"])
+            down = self.linear(g, act, f"{p}.mlp.down_proj", [f"{p}.mlp.down_proj"], self.scheme.writers)
             nxt = "model.norm.weight" if i == cfg.num_layers - 1 else f"model.layers.{i + 1}.input_layernorm.weight"
             x, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [down, residual, self.norm_weight(g, nxt)],
                                      name=f"{p}/next_norm", n_out=4, domain=MS, epsilon=eps)
         # the norm is per row: gathering the rows read after it equals gathering before it
         picked = g.op("Gather", [x, rows], name="select_logit_rows", axis=1)
+        if self.unrotation is not None:  # back to the head's basis, with the final norm's weight
+            picked = g.op("MatMul", [picked, g.weight(PREFIX + "unrotation", self.unrotation)], name="unrotate_rows")
         g.output(self.lm_head(g, picked), "logits", F32, [1, "rows", cfg.vocab_size])
         g.outputs.insert(0, g.outputs.pop())  # logits first
         return g.build()
 
     def lm_head(self, g: GraphBuilder, x: str) -> str:
-        """The output projection at HEAD_FOR[linears] (8-bit blocks for quantized plans)."""
+        """The output projection at the scheme's head kind (8-bit blocks for quantized plans)."""
         head = "model.embed_tokens" if self.cfg.tie_word_embeddings else "lm_head"
         return self.linear(g, x, "lm_head", [head], kind=self.head)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from edge.plans import CPU_LINEARS
 
 from edge.export.quant.corpus import user_texts
 from edge.export.quant.accuracy import EVAL_TOKENS, EVAL_WINDOW
@@ -56,10 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help=f"calibration tokens ({CALIB_TOKENS})")
     q.add_argument("--calib-window", type=int, default=CALIB_WINDOW,
                    help=f"calibration window, each a fresh context ({CALIB_WINDOW})")
-    q.add_argument("--cpu-weights", choices=("int8", "int4", "fp32"), default=None,
-                   help="the CPU plan's linears: MatMulNBits blocks of 32 with int8 compute (activations "
-                        "quantized per block at run time), int8 or int4 (a GGUF source's Q4_1 / Q8_0 blocks "
-                        "as stored), or fp32 (default: int8 unless --quant fp32)")
+    q.add_argument("--cpu-weights", choices=CPU_LINEARS, default=None,
+                   help="the CPU plan's linears: int8 / int4 = MatMulNBits blocks of 32 with int8 compute "
+                        "(activations quantized per block at run time; a GGUF source's Q4_1 / Q8_0 blocks as "
+                        "stored); int8dyn = the residual stream rotated (a randomized Hadamard folded into the "
+                        "weights) so that q|k|v and gate|up run onnxruntime's int8 GEMM with one dynamic "
+                        "activation scale per call (faster prompts, less memory), o / down / head as int8; "
+                        "fp32 (default: int8dyn unless --quant fp32)")
     q.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS,
                    help=f"held-out tokens for the accuracy report ({EVAL_TOKENS})")
     q.add_argument("--no-accuracy-report", action="store_true",
@@ -78,11 +82,17 @@ def weights_for(scheme: str) -> str:
     return "fp32" if scheme == "fp32" else "int8"
 
 
+def cpu_weights_for(scheme: str) -> str:
+    """The CPU plan's default linears: int8dyn (the fastest prompts and least memory of the
+    kinds within the accuracy bound, docs/cpu_plan.md) unless the prefill is float."""
+    return "fp32" if scheme == "fp32" else QuantOptions.cpu
+
+
 def from_args(args: argparse.Namespace) -> tuple[QuantOptions, CalibrationSpec, AccuracySpec]:
     """Raises ValueError (bad value) or EdgeError (unreadable calibration file). ``args.quant``
     must be resolved (resolve_scheme) first."""
     decode = args.decode_weights or weights_for(args.quant)
-    cpu = args.cpu_weights or weights_for(args.quant)
+    cpu = args.cpu_weights or cpu_weights_for(args.quant)
     act16 = () if args.act16.strip() in ("", "none") else tuple(k.strip() for k in args.act16.split(",") if k.strip())
     quant = QuantOptions(prefill=args.quant, decode=decode, outliers=args.outliers, outlier_layers=args.outlier_layers,
                          hot_budget=args.hot_budget, smooth=args.smooth, act16=act16, act16_budget=args.act16_budget,

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge.plans import CPU_LINEARS
+
 from edge.export.quant.reference import ActQuant, LinearQuant
 
 from edge.export.quant import smooth
@@ -50,13 +52,13 @@ class QuantOptions:
     # int8 weight rounding: "gptq" (error feedback through the inputs' second moments, from the
     # calibration; measured in docs/quantization.md) or "nearest"
     rounding: str = "gptq"
-    cpu: str = "int8"  # the CPU plan's linears: MatMulNBits int8 / int4 blocks of 32, or fp32
+    cpu: str = "int8dyn"  # the CPU plan's linears: edge.plans.CPU_LINEARS (export/graph/cpu_decoder.CPU_SCHEMES)
 
     def __post_init__(self) -> None:
         if self.prefill not in PREFILL_SCHEMES:
             raise ValueError(f"--quant must be one of {', '.join(PREFILL_SCHEMES)}, got {self.prefill!r}")
-        if self.cpu not in ("int8", "int4", "fp32"):
-            raise ValueError(f"--cpu-weights must be int8, int4 or fp32, got {self.cpu!r}")
+        if self.cpu not in CPU_LINEARS:
+            raise ValueError(f"--cpu-weights must be one of {', '.join(CPU_LINEARS)}, got {self.cpu!r}")
         if self.decode not in DECODE_SCHEMES:
             raise ValueError(f"--decode-weights must be one of {', '.join(DECODE_SCHEMES)}, got {self.decode!r}")
         if self.outliers not in ("auto", "off") and not (self.outliers.isdigit() and int(self.outliers) >= 0):

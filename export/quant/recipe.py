@@ -146,19 +146,6 @@ def decode_graph(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], store, m
     return QuantDecoderGraph(cfg, w, target, max_context, emit, blocks)
 
 
-def cpu_record(linears: str, source_blocks: Mapping[str, Any]) -> dict[str, Any]:
-    """What the CPU plan's linears are, for the manifest."""
-    if linears == "fp32":
-        return {"linears": "fp32", "form": "MatMul, float32"}
-    kinds = sorted({f"{'Q4_1' if b.offset is not None else 'Q8_0'}" for b in source_blocks.values()})
-    return {"linears": linears, "head": "int8",
-            "form": f"MatMulNBits bits={linears[3:]} block 32, accuracy_level 4 (int8 compute, activations "
-                    "quantized per block of 32 at run time); the tied token table read by GatherBlockQuantized "
-                    "from the head's 8-bit blocks",
-            "source_blocks": f"the source's own {', '.join(kinds)} blocks where their width matches"
-                             if kinds else "none (float source: round to nearest, asymmetric blocks)"}
-
-
 def manifest_record(quant: QuantOptions, plan: QuantPlan | None) -> dict[str, Any]:
     rec: dict[str, Any] = {"prefill": quant.prefill, "decode": quant.decode}
     if plan is not None:
