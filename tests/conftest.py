@@ -201,6 +201,24 @@ def opened_unfused(sess) -> bool:
         return False
 
 
+def plain_reference_forced_unfused(bundle, monkeypatch):
+    """Three loads of ``bundle`` (one thread each): as on a CPU whose int8 GEMM is exact, with
+    every graph optimization off (the Q/DQ graphs' own arithmetic: the reference), and as on a
+    CPU whose int8 GEMM saturates (forced; the runtime opens its int8-GEMM graphs unfused).
+    ``monkeypatch`` keeps the forced detection until the test ends."""
+    import edge.runtime.model as model_module
+    import edge.runtime.sessions as sessions
+    from edge.runtime import Model
+
+    monkeypatch.setattr(sessions, "int8_gemm_saturates", lambda: False)
+    plain = Model.load(bundle, threads=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model_module, "session_options", unfused_options)
+        ref = Model.load(bundle, threads=1)
+    monkeypatch.setattr(sessions, "int8_gemm_saturates", lambda: True)
+    return plain, ref, Model.load(bundle, threads=1)
+
+
 # checks of the fused int8 GEMM itself on a CPU where it saturates (edge.runtime.sessions.int8_gemm_saturates;
 # the runtime opens static-int8 graphs unfused there): reported as xfail, never as passed
 SATURATING_INT8 = pytest.mark.xfail(int8_gemm_saturates(), strict=False,

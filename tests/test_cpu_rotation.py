@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import opened_unfused, unfused_options
+from conftest import opened_unfused, plain_reference_forced_unfused
 from edge.config import ExportOptions
 from edge.export.graph import cpu_decoder
 from edge.export.graph.cpu_decoder import CPU_SCHEMES, CpuScheme
@@ -21,11 +21,12 @@ from edge.export.quant.recipe import AccuracySpec
 from edge.export.quant.rotation import hadamard, stream_rotation
 from edge.plans import CPU_LINEARS
 from edge.progress import Progress
-from edge.runtime import Model, sessions
+from edge.runtime import Model
 from edge.runtime.sessions import open_session, qdq_unfused, session_options
 
 QUIET = Progress(enabled=False)
 OPTIONS = ExportOptions(chunk_length=16, max_context=128, plans=("cpu",))
+OFF = AccuracySpec(enabled=False)
 
 
 def logits(model: Model, ids: list[int]) -> np.ndarray:
@@ -45,11 +46,12 @@ def test_hadamard_orders(n):
 
 @pytest.mark.parametrize("n", (576, 100))  # 100 has no Hadamard matrix of the constructed forms
 def test_stream_rotation_is_orthogonal_and_reproducible(n):
-    q = stream_rotation(n, 0)
+    q, kind = stream_rotation(n, 0)
     np.testing.assert_allclose(q @ q.T, np.eye(n), atol=1e-12)
-    np.testing.assert_array_equal(q, stream_rotation(n, 0))
-    assert not np.array_equal(q, stream_rotation(n, 1))
+    np.testing.assert_array_equal(q, stream_rotation(n, 0)[0])
+    assert not np.array_equal(q, stream_rotation(n, 1)[0])
     assert hadamard(100) is None
+    assert kind == ("randomized Hadamard" if n == 576 else "Haar-random orthogonal")
 
 
 @pytest.mark.parametrize("name", ("llama_tied", "qwen2"))  # tied head; q|k|v biases
@@ -58,7 +60,7 @@ def test_rotation_is_exact_in_float(zoo, tmp_path, monkeypatch, name):
     monkeypatch.setitem(CPU_SCHEMES, "fp32rot", CpuScheme("fp32", "fp32", "fp32", rotate=True))
     monkeypatch.setattr("edge.export.quant.plan.CPU_LINEARS", CPU_LINEARS + ("fp32rot",))
     monkeypatch.setattr("edge.plans.CPU_LINEARS", CPU_LINEARS + ("fp32rot",))
-    export_model(zoo.folder(name), tmp_path / "rot", OPTIONS, QUIET, quant=QuantOptions(cpu="fp32rot"), accuracy=AccuracySpec(enabled=False))
+    export_model(zoo.folder(name), tmp_path / "rot", OPTIONS, QUIET, quant=QuantOptions(cpu="fp32rot"), accuracy=OFF)
     rotated, plain = Model.load(tmp_path / "rot"), zoo.model(name, 16, plan="cpu")
     ids = np.random.default_rng(4).integers(0, 300, 40).tolist()
     lr, lp = logits(rotated, ids), logits(plain, ids)
@@ -70,7 +72,7 @@ def test_rotation_is_exact_in_float(zoo, tmp_path, monkeypatch, name):
 @pytest.fixture(scope="module")
 def dyn_bundle(zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8dyn") / "bundle"
-    export_model(zoo.folder("llama_tied"), out, OPTIONS, QUIET, quant=QuantOptions(cpu="int8dyn"), accuracy=AccuracySpec(enabled=False))
+    export_model(zoo.folder("llama_tied"), out, OPTIONS, QUIET, quant=QuantOptions(cpu="int8dyn"), accuracy=OFF)
     return out
 
 
@@ -101,20 +103,12 @@ def test_int8dyn_fuses_into_the_int8_gemm_and_opens_unfused_where_it_saturates(z
     (x86 without VNNI; forced here) the runtime opens the plan unfused and gets the graph's own
     arithmetic. Under qemu-x86_64 -cpu Haswell the fused tiny bundle was 0.23 off the float plan in
     norm (0.059 with VNNI) (2026-12-06)."""
-    import edge.runtime.model as model_module
-
     layers = zoo.model("llama_tied", 16, plan="cpu").config.num_layers
     fused = optimized_ops(dyn_bundle, tmp_path, unfused=False)
     assert fused.count("DynamicQuantizeMatMul") == 2 * layers and "DynamicQuantizeLinear" not in fused
     assert "DynamicQuantizeMatMul" not in optimized_ops(dyn_bundle, tmp_path, unfused=True)
-    monkeypatch.setattr(sessions, "int8_gemm_saturates", lambda: False)
-    plain = Model.load(dyn_bundle, threads=1)
+    plain, ref, q = plain_reference_forced_unfused(dyn_bundle, monkeypatch)
     assert not plain.int8_unfused and not opened_unfused(plain.sessions["cpu"])
-    with pytest.MonkeyPatch.context() as mp:  # the Q/DQ graph's own arithmetic, every optimization off
-        mp.setattr(model_module, "session_options", unfused_options)
-        ref = Model.load(dyn_bundle, threads=1)
-    monkeypatch.setattr(sessions, "int8_gemm_saturates", lambda: True)
-    q = Model.load(dyn_bundle, threads=1)
     assert q.int8_unfused and opened_unfused(q.sessions["cpu"])
     ids = np.random.default_rng(5).integers(0, 300, 30).tolist()
     got, want = logits(q, ids), logits(ref, ids)

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from conftest import SATURATING_INT8, opened_unfused as _unfused, unfused_options
+from conftest import SATURATING_INT8, opened_unfused as _unfused, plain_reference_forced_unfused
 
 from edge.export.quant.reference import (
     ActQuant,
@@ -385,21 +385,11 @@ def test_static_int8_prefill_opens_unfused_where_the_int8_gemm_saturates(tied_w8
     static W8A8 prefill with the Q/DQ fusions off and gets the graph's own arithmetic; the decode
     graph (weight-only int8 -> MatMulNBits) keeps its fusions. Under qemu-x86_64 -cpu Haswell on a
     tiny W8A8 bundle: fused 0.158 off in norm, unfused 2.8e-7 (2026-12-06)."""
-    import edge.runtime.model as model_module
-    import edge.runtime.sessions as sessions
-    from edge.runtime import Model
     from edge.runtime.lanes import make_lanes
 
     ids = list(range(3, 40))  # three chunks, the last partial
-    monkeypatch.setattr(sessions, "int8_gemm_saturates", lambda: False)
-    plain = Model.load(tied_w8a8_bundle, threads=1)
+    plain, ref, q = plain_reference_forced_unfused(tied_w8a8_bundle, monkeypatch)
     assert not plain.int8_unfused and not _unfused(plain.sessions["prefill"])
-
-    with pytest.MonkeyPatch.context() as mp:  # the Q/DQ graph's own arithmetic, every optimization off
-        mp.setattr(model_module, "session_options", unfused_options)
-        ref = Model.load(tied_w8a8_bundle, threads=1)
-    monkeypatch.setattr(sessions, "int8_gemm_saturates", lambda: True)
-    q = Model.load(tied_w8a8_bundle, threads=1)
     assert q.int8_unfused and _unfused(q.sessions["prefill"]) and not _unfused(q.sessions["decode"])
     got, want = (m.prefill(m.embed(ids), m.new_cache(), all_logits=True) for m in (q, ref))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -29,7 +29,7 @@ from edge.export.graph.builder import GraphBuilder, WeightStore
 from edge.export.graph.decoder import rope_tables
 from edge.export.quant.blocks import BLOCK, Blocks, at_width
 from edge.export.quant.reference import quantize_weight_int8
-from edge.export.quant.rotation import hadamard, rotate_weights, rotated_names, stream_rotation, unrotate
+from edge.export.quant.rotation import rotate_weights, stream_rotation, unrotate
 
 F32, F16, I32, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT32, TensorProto.INT64
 KV_DTYPES = {"fp32": F32, "fp16": F16}
@@ -139,13 +139,13 @@ class CpuDecoderGraph:
         self.scheme = CPU_SCHEMES[linears]
         self.linears, self.head = linears, self.scheme.head
         self.blocks = dict(blocks or {})
-        self.rotation = self.unrotation = None
+        self.rotation = self.unrotation = self.rotation_kind = None
         if self.scheme.rotate:
-            q = stream_rotation(cfg.hidden_size, ROTATION_SEED)
+            q, self.rotation_kind = stream_rotation(cfg.hidden_size, ROTATION_SEED)
             self.rotation, self.unrotation = q.astype(np.float32), unrotate(weights, q)
             self.w = rotate_weights(cfg, weights, q)
-            dropped = rotated_names(cfg)  # a source's blocks of the rotated tensors no longer apply
-            self.blocks = {k: v for k, v in self.blocks.items() if k not in dropped}
+            # a source's blocks of the tensors the rotation replaced no longer apply
+            self.blocks = {k: v for k, v in self.blocks.items() if self.w.get(k) is weights.get(k)}
 
     def record(self) -> dict:
         """What the linears are, for the manifest's quantization.cpu."""
@@ -161,8 +161,7 @@ class CpuDecoderGraph:
                "source_blocks": f"the source's own {', '.join(kinds)} blocks where their width matches"
                                 if kinds else "none (round to nearest, asymmetric blocks)"}
         if s.rotate:
-            rec["rotation"] = {"kind": "randomized Hadamard" if hadamard(self.cfg.hidden_size) is not None
-                               else "Haar-random orthogonal", "size": self.cfg.hidden_size, "seed": ROTATION_SEED,
+            rec["rotation"] = {"kind": self.rotation_kind, "size": self.cfg.hidden_size, "seed": ROTATION_SEED,
                                "folded": "norm weights into q|k|v and gate|up; o and down write the rotated stream"}
         return rec
 

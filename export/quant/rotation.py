@@ -51,16 +51,16 @@ def hadamard(n: int) -> np.ndarray | None:
     return None
 
 
-def stream_rotation(n: int, seed: int) -> np.ndarray:
-    """An orthogonal [n, n], float64, reproducible: a Hadamard matrix after random sign flips,
-    scaled (it maps one large channel to n equal-magnitude ones), else Haar-random (QR of a
-    Gaussian, signs fixed)."""
+def stream_rotation(n: int, seed: int) -> tuple[np.ndarray, str]:
+    """An orthogonal [n, n], float64, reproducible, and its kind for the manifest: a Hadamard
+    matrix after random sign flips, scaled (it maps one large channel to n equal-magnitude ones),
+    else Haar-random (QR of a Gaussian, signs fixed)."""
     rng = np.random.default_rng(seed)
     h = hadamard(n)
     if h is not None:
-        return rng.choice([-1.0, 1.0], n)[:, None] * h / np.sqrt(n)
+        return rng.choice([-1.0, 1.0], n)[:, None] * h / np.sqrt(n), "randomized Hadamard"
     q, r = np.linalg.qr(rng.standard_normal((n, n)))
-    return q * np.sign(np.diag(r))[None, :]
+    return q * np.sign(np.diag(r))[None, :], "Haar-random orthogonal"
 
 
 def rotate_weights(cfg: DecoderConfig, weights: Mapping[str, np.ndarray], q: np.ndarray) -> dict[str, np.ndarray]:
@@ -92,13 +92,3 @@ def unrotate(weights: Mapping[str, np.ndarray], q: np.ndarray) -> np.ndarray:
     x' @ (Q^T diag(g)) = (x' Q^T) * g (``weights``: the unrotated ones)."""
     return np.ascontiguousarray(q.T * np.asarray(weights["model.norm.weight"], np.float64)[None, :], np.float32)
 
-
-def rotated_names(cfg: DecoderConfig) -> set[str]:
-    """The tensors rotate_weights changes: a source's quantized blocks of these no longer apply."""
-    names = set()
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}"
-        names |= {f"{p}.self_attn.{t}_proj.weight" for t in "qkvo"}
-        names |= {f"{p}.mlp.{t}_proj.weight" for t in ("gate", "up", "down")}
-        names |= {f"{p}.self_attn.o_proj.bias", f"{p}.mlp.down_proj.bias"}
-    return names
