@@ -62,7 +62,7 @@ class SplitPlan:
                 "stages": [s.to_dict() for s in self.stages]}
 
 
-CPU_LINEARS = ("int8", "int4", "fp32", "int8dyn")
+CPU_LINEARS = ("int8", "int4", "int4exact", "fp32", "int8dyn")
 
 
 @dataclass(frozen=True)

@@ -139,11 +139,32 @@ def test_gguf_blocks_reproduce_the_files_weights():
         np.testing.assert_allclose(read(raw, 8).dequantize(), ref, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("bits", (4, 8))
-@pytest.mark.parametrize("offset", (False, True))
+def test_offsets_as_rows_keep_the_source_blocks():
+    """Q4_1 offsets as extra input rows: the source's codes, scales and zero points unchanged, and
+    the effective weights (main rows + the block's offset row / 32) within 1/30 of a step of the
+    source's (the offset rows are 4-bit blocks over each row's offset range, at most one step)."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    from edge.export.quant.blocks import offsets_as_rows
+
+    w = np.random.default_rng(3).normal(0, 0.05, (16, 96)).astype(np.float32)
+    b = from_q4_1(quantize(w, T.Q4_1), 16)
+    rows, k = offsets_as_rows(b)
+    assert k == 96 + 3 and rows.q.shape == (16, 4, 32) and rows.offset is None
+    assert (rows.q[:, :3] == b.q).all() and (rows.scale[:, :3] == b.scale).all() and (rows.zero[:, :3] == b.zero).all()
+    dense = rows.dequantize()[:, :k]
+    effective = dense[:, :96] + np.repeat(dense[:, 96:] / 32, 32, axis=1)
+    step = b.scale.max(1, keepdims=True)
+    assert np.abs(effective - b.dequantize()).max() <= step.max() / 30 + 1e-6
+    assert np.abs(effective - b.dequantize()).max() > 0  # rounded, not exact: int4exact keeps them in float
+
+
+@pytest.mark.parametrize("bits, offset", [(4, None), (8, None), (4, "float"), (4, "rows")])
 def test_matmulnbits_layout_against_numpy(bits, offset):
-    """The emitted MatMulNBits (+ Q4_1's block offset) computes x @ dequantize(blocks)^T, up to the
-    kernel's int8 activations (accuracy level 4: per block of 32, symmetric)."""
+    """The emitted MatMulNBits (+ Q4_1's block offset, exact or as extra input rows) computes
+    x @ dequantize(blocks)^T, up to the kernel's int8 activations (accuracy level 4: per block of
+    32, symmetric; the rows form also rounds the offsets to 4 bits and quantizes the block means)."""
     import onnx
     import onnxruntime as ort
 
@@ -158,7 +179,7 @@ def test_matmulnbits_layout_against_numpy(bits, offset):
     store = WeightStore()
     g = GraphBuilder("t", store)
     x = g.input("x", onnx.TensorProto.FLOAT, [1, 5, 64])
-    g.output(_matmulnbits(g, x, "lin", b), "y", onnx.TensorProto.FLOAT, [1, 5, 48])
+    g.output(_matmulnbits(g, x, "lin", b, offset or "rows"), "y", onnx.TensorProto.FLOAT, [1, 5, 48])
     model = g.build()
     for t in model.graph.initializer:  # inline the weights for a self-contained session
         arr = store.get(t.name) if store.get(t.name) is not None else None

@@ -27,7 +27,7 @@ from edge.config import DecoderConfig
 
 from edge.export.graph.builder import GraphBuilder, WeightStore
 from edge.export.graph.decoder import rope_tables
-from edge.export.quant.blocks import BLOCK, Blocks, at_width
+from edge.export.quant.blocks import BLOCK, Blocks, at_width, offsets_as_rows
 from edge.export.quant.reference import quantize_weight_int8
 from edge.export.quant.rotation import rotate_weights, stream_rotation, unrotate
 
@@ -52,27 +52,34 @@ def nbits_weights(name: str, b: Blocks) -> dict[str, np.ndarray]:
             f"{PREFIX}{name}.zero": b.matmulnbits_zero_points()}
 
 
-def _matmulnbits(g: GraphBuilder, x: str, name: str, b: Blocks) -> str:
-    n, k = b.shape
+def _matmulnbits(g: GraphBuilder, x: str, name: str, b: Blocks, offsets: str = "rows") -> str:
+    """MatMulNBits over ``b``; a Q4_1 source's residual offsets (blocks.py) either as extra input
+    rows of the same node (``offsets="rows"``: x's block means appended to x) or exact, as a float
+    MatMul of the block means added after it (``"float"``)."""
+    means = None
+    if b.offset is not None:  # mean over each block of 32 inputs: 1-D pooling over [1, S, K]
+        means = g.op("AveragePool", [x], name=name + "/block_means", kernel_shape=[BLOCK], strides=[BLOCK])
+    if means is not None and offsets == "rows":
+        x = g.op("Concat", [x, means], name=name + "/with_block_means", axis=-1)
+        b, k = offsets_as_rows(b)
+        n = b.shape[0]
+    else:
+        n, k = b.shape
     y = g.op("MatMulNBits", [x] + [g.weight(key, a) for key, a in nbits_weights(name, b).items()],
              name=name, domain=MS, K=k, N=n, bits=b.bits, block_size=b.q.shape[2], accuracy_level=ACCURACY_LEVEL)
-    if b.offset is None:
+    if means is None or offsets == "rows":
         return y
-    # Q4_1's residual offset r per (row, block): sum_k r[n, blk(k)] x[k] = blocksum(x) @ r^T
-    nb = b.q.shape[1]
-    sums = g.op("ReduceSum", [g.op("Reshape", [x, g.const(f"shape_blocks_{nb}", np.array([0, 0, nb, BLOCK], np.int64))],
-                                   name=name + "/blocks"), g.const("axis_last", np.array([-1], np.int64))],
-                name=name + "/block_sums", keepdims=0)
-    corr = g.op("MatMul", [sums, g.weight(f"{PREFIX}{name}.offsetT", np.ascontiguousarray(b.offset.T))],
+    # sum_k r[n, blk(k)] x[k] = (32 * block means of x) @ r^T
+    corr = g.op("MatMul", [means, g.weight(f"{PREFIX}{name}.offsetT", np.ascontiguousarray(b.offset.T * BLOCK))],
                 name=name + "/offset")
     return g.op("Add", [y, corr], name=name + "/add_offset")
 
 
-def nbits_linear(bits: int) -> CpuLinear:
+def nbits_linear(bits: int, offsets: str = "rows") -> CpuLinear:
     """MatMulNBits at ``bits``: the source's own blocks where they have that width (GGUF Q4_1 for
     4 bits, Q8_0 for 8), else the float weight rounded to asymmetric blocks of 32."""
     def emit(g: GraphBuilder, x: str, name: str, w: np.ndarray, blocks: Blocks | None) -> str:
-        return _matmulnbits(g, x, name, at_width(w, blocks, bits))
+        return _matmulnbits(g, x, name, at_width(w, blocks, bits), offsets)
     return emit
 
 
@@ -95,12 +102,16 @@ def dynamic_int8_linear(g: GraphBuilder, x: str, name: str, w: np.ndarray, block
 LINEAR_FORMS = {  # for the manifest
     "int8": "MatMulNBits 8-bit blocks of 32, accuracy_level 4 (int8 compute, activations quantized per block "
             "of 32 at run time)",
-    "int4": "MatMulNBits 4-bit blocks of 32, accuracy_level 4 (a Q4_1 source: + its per-block offsets)",
+    "int4": "MatMulNBits 4-bit blocks of 32, accuracy_level 4 (a Q4_1 source: its per-block offsets as extra "
+            "input rows of the same node, x's block means appended to x, the offsets rounded to 4 bits)",
+    "int4exact": "MatMulNBits 4-bit blocks of 32, accuracy_level 4 (a Q4_1 source: + its per-block offsets "
+                 "exactly, a float MatMul of x's block means)",
     "dyn8": "DynamicQuantizeLinear -> DQ -> MatMul <- DQ (int8 weights, one scale per output channel; "
             "activations uint8, one scale per call, at run time), fused by onnxruntime into DynamicQuantizeMatMul",
     "fp32": "MatMul, float32",
 }
 CPU_LINEARS: dict[str, CpuLinear] = {"fp32": float_matmul, "int8": nbits_linear(8), "int4": nbits_linear(4),
+                                     "int4exact": nbits_linear(4, offsets="float"),
                                      "dyn8": dynamic_int8_linear}
 
 
@@ -120,6 +131,7 @@ CPU_SCHEMES: dict[str, CpuScheme] = {
     "fp32": CpuScheme("fp32", "fp32", "fp32"),
     "int8": CpuScheme("int8", "int8", "int8"),
     "int4": CpuScheme("int4", "int4", "int8"),  # the head stays 8-bit (4-bit blocks cost ~8% perplexity)
+    "int4exact": CpuScheme("int4exact", "int4exact", "int8"),
     "int8dyn": CpuScheme("dyn8", "int8", "int8", rotate=True),
 }
 ROTATION_SEED = 0

@@ -9,7 +9,10 @@ GGUF blocks (32 weights each): Q4_1 = fp16 d, fp16 m, 16 nibble bytes (elements 
 - Q4_1 is MatMulNBits 4-bit plus a per-block offset: w = d * (q - z) + r with the integer zero point
   z = round(-m / d) and r = m + d * z, so x @ W^T = MatMulNBits(q, d, z) + blocksum(x) @ r^T.
   z keeps q - z near 0 (as a symmetric grid would): the kernel quantizes x to int8 per block
-  (accuracy level 4), and its error is multiplied by q - z, not by q.
+  (accuracy level 4), and its error is multiplied by q - z, not by q. The blocksum term costs as
+  much as the 4-bit GEMM itself at a decode step as a float MatMul of its own (fp32 r: 13 MB per
+  token for SmolLM2, four more nodes per linear), so by default r goes into the same MatMulNBits as
+  extra input rows (``offsets_as_rows``; exact float offsets: the int4exact CPU weights).
 """
 
 from __future__ import annotations
@@ -67,6 +70,22 @@ class Blocks:
             return np.ascontiguousarray(self.zero.reshape(-1))
         z = self.zero if self.zero.shape[1] % 2 == 0 else np.pad(self.zero, ((0, 0), (0, 1)))
         return np.ascontiguousarray((z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1))
+
+
+def offsets_as_rows(b: Blocks) -> tuple[Blocks, int]:
+    """Q4_1's residual offsets moved into the same 4-bit MatMulNBits: x's block means appended to
+    its input ([x, mean_b(x)], K + n_blocks values) meet extra weight rows 32 * r[n, b], themselves
+    rounded to asymmetric 4-bit blocks (error at most 1/30 of the row's offset range, i.e. of one
+    source step d). The source's codes, scales and zero points stay exact. Returns the blocks
+    (K padded to whole blocks, the padding at the zero point) and the augmented input width."""
+    k, nb = b.shape[1], b.q.shape[1]
+    pad = (-nb) % BLOCK
+    rows = quantize_blocks(np.pad(b.offset.astype(np.float32) * BLOCK, ((0, 0), (0, pad))), 4)
+    q = rows.q.copy()
+    if pad:
+        q[:, -1, BLOCK - pad:] = rows.zero[:, -1:]
+    return (Blocks(np.concatenate([b.q, q], 1), np.concatenate([b.scale, rows.scale], 1),
+                   np.concatenate([b.zero, rows.zero], 1), None, 4), k + nb)
 
 
 # ------------------------------------------------------------------ from float weights
