@@ -56,19 +56,17 @@ def _matmulnbits(g: GraphBuilder, x: str, name: str, b: Blocks, offsets: str = "
     """MatMulNBits over ``b``; a Q4_1 source's residual offsets (blocks.py) either as extra input
     rows of the same node (``offsets="rows"``: x's block means appended to x) or exact, as a float
     MatMul of the block means added after it (``"float"``)."""
-    means = None
-    if b.offset is not None:  # mean over each block of 32 inputs: 1-D pooling over [1, S, K]
-        means = g.op("AveragePool", [x], name=name + "/block_means", kernel_shape=[BLOCK], strides=[BLOCK])
-    if means is not None and offsets == "rows":
-        x = g.op("Concat", [x, means], name=name + "/with_block_means", axis=-1)
-        b, k = offsets_as_rows(b)
-        n = b.shape[0]
-    else:
-        n, k = b.shape
-    y = g.op("MatMulNBits", [x] + [g.weight(key, a) for key, a in nbits_weights(name, b).items()],
-             name=name, domain=MS, K=k, N=n, bits=b.bits, block_size=b.q.shape[2], accuracy_level=ACCURACY_LEVEL)
-    if means is None or offsets == "rows":
-        return y
+    def node(x: str, b: Blocks, k: int) -> str:
+        return g.op("MatMulNBits", [x] + [g.weight(key, a) for key, a in nbits_weights(name, b).items()], name=name,
+                    domain=MS, K=k, N=b.shape[0], bits=b.bits, block_size=b.q.shape[2], accuracy_level=ACCURACY_LEVEL)
+
+    if b.offset is None:
+        return node(x, b, b.shape[1])
+    # mean over each block of 32 inputs: 1-D pooling over [1, S, K]
+    means = g.op("AveragePool", [x], name=name + "/block_means", kernel_shape=[BLOCK], strides=[BLOCK])
+    if offsets == "rows":
+        return node(g.op("Concat", [x, means], name=name + "/with_block_means", axis=-1), *offsets_as_rows(b))
+    y = node(x, b, b.shape[1])
     # sum_k r[n, blk(k)] x[k] = (32 * block means of x) @ r^T
     corr = g.op("MatMul", [means, g.weight(f"{PREFIX}{name}.offsetT", np.ascontiguousarray(b.offset.T * BLOCK))],
                 name=name + "/offset")

@@ -79,12 +79,9 @@ def offsets_as_rows(b: Blocks) -> tuple[Blocks, int]:
     source step d). The source's codes, scales and zero points stay exact. Returns the blocks
     (K padded to whole blocks, the padding at the zero point) and the augmented input width."""
     k, nb = b.shape[1], b.q.shape[1]
-    pad = (-nb) % BLOCK
-    rows = quantize_blocks(np.pad(b.offset.astype(np.float32) * BLOCK, ((0, 0), (0, pad))), 4)
-    q = rows.q.copy()
-    if pad:
-        q[:, -1, BLOCK - pad:] = rows.zero[:, -1:]
-    return (Blocks(np.concatenate([b.q, q], 1), np.concatenate([b.scale, rows.scale], 1),
+    # the padding is 0, which quantize_blocks keeps in range: it rounds to the zero point exactly
+    rows = quantize_blocks(np.pad(b.offset * BLOCK, ((0, 0), (0, (-nb) % BLOCK))), 4)
+    return (Blocks(np.concatenate([b.q, rows.q], 1), np.concatenate([b.scale, rows.scale], 1),
                    np.concatenate([b.zero, rows.zero], 1), None, 4), k + nb)
 
 

@@ -61,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the CPU plan's linears: int8 / int4 = MatMulNBits blocks of 32 with int8 compute "
                         "(activations quantized per block at run time; a GGUF source's Q4_1 / Q8_0 blocks as "
                         "stored, int4 with Q4_1's block offsets rounded into extra 4-bit input rows, int4exact "
-                        "with them exact in a float MatMul, slower); int8dyn = the residual stream rotated (a randomized Hadamard folded into the "
-                        "weights) so that q|k|v and gate|up run onnxruntime's int8 GEMM with one dynamic "
+                        "with them exact in a float MatMul, slower); int8dyn = the residual stream rotated (a "
+                        "randomized Hadamard folded into the weights) so that q|k|v and gate|up run onnxruntime's int8 GEMM with one dynamic "
                         "activation scale per call (faster prompts, less memory), o / down / head as int8; "
                         "fp32 (default: int8dyn unless --quant fp32)")
     q.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS,
