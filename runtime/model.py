@@ -18,7 +18,7 @@ from edge.runtime.kv_cache import KVCache
 from edge.runtime.lanes import pick_plan
 from edge.runtime.sampling import Sampler, SamplingParams
 from edge.runtime.sessions import open_session, qdq_unfused, session_options, unfuse_int8
-from edge.runtime.shared_weights import SharedWeights, clone_options, trim_heap
+from edge.runtime.shared_weights import SharedWeights, clone_options, drop_mapped_pages, trim_heap
 from edge.runtime.table_lookup import BlockTable
 from edge.runtime.tokenizer import Tokenizer, check_text
 
@@ -84,6 +84,7 @@ class Model:
             self.split_prefill = SplitPrefill(bundle, make_lanes(accelerator, lane_threads, lane_threads, self.shared_weights),
                                               unfused_int8=self.int8_unfused)
         trim_heap()  # what building the sessions freed
+        drop_mapped_pages([bundle.file(name) for name in m.files])  # weights onnxruntime copied but keeps mapped
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int = 0, verify_hashes: bool = True, **kwargs) -> "Model":

@@ -170,3 +170,43 @@ def trim_heap() -> None:
         return
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
+
+
+MADV_DONTNEED = 4  # Linux
+
+
+def drop_mapped_pages(files: list[Path]) -> int:
+    """Unmap the resident pages of this process's mappings of ``files`` (the bundle's weight files)
+    that hold no page of their own; returns the bytes of the ranges advised. onnxruntime keeps each
+    MatMulNBits' scales and zero points mapped after copying them into its packed weights (20 MiB
+    of an int4 bundle stayed resident, never read again). A mapping whose smaps shows no anonymous
+    (copied-on-write) page holds only the file's clean pages: whatever reads them later faults
+    them back in from the page cache, so this changes memory, never results. Call it while no
+    session runs. Linux only (elsewhere a no-op)."""
+    import ctypes
+    import ctypes.util
+
+    names = {str(Path(f).resolve()) for f in files}
+    try:
+        smaps = Path("/proc/self/smaps").read_text().splitlines()
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    clean: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    for line in smaps:
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line: range perms offset dev inode [path]
+            start, end = (int(x, 16) for x in head[0].split("-"))
+            current = (start, end) if len(head) == 6 and head[5] in names else None
+        elif current is not None and line.startswith("Anonymous:"):
+            if int(line.split()[1]) == 0:
+                clean.append(current)
+            current = None
+    advised = 0
+    for start, end in clean:
+        if madvise(start, end - start, MADV_DONTNEED) == 0:
+            advised += end - start
+    return advised

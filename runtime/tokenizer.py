@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -160,12 +161,11 @@ class Tokenizer:
               special_tokens: Mapping[str, str] | None | object, manifest: Mapping[str, Any]) -> None:
         try:
             self._tok = _HFTokenizer.from_str(text)
-            # A second instance that reads special-token text in user content as plain text. (The
-            # flag is per tokenizer object, so two objects rather than toggling: thread-safe.)
-            self._plain = _HFTokenizer.from_str(text)
-            self._plain.encode_special_tokens = True
         except Exception as e:  # tokenizers raises plain Exception subclasses
             raise BundleError(f"{origin}: not a valid tokenizers JSON ({e})") from None
+        # One instance: a second one for plain-text encoding held ~14 MiB more after load. Its
+        # encode_special_tokens flag is toggled under this lock (encode holds the GIL throughout).
+        self._encode_lock = threading.Lock()
         self.chat_template = chat_template
         self._template = _compile_template(chat_template) if chat_template else None
         self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
@@ -196,7 +196,12 @@ class Tokenizer:
         """Token ids of ``text``. ``special=True``: control-token text (``<|im_end|>``) becomes the
         control token, as the model's own prompt format needs; ``special=False``: it stays plain text."""
         check_text(text)
-        return (self._tok if special else self._plain).encode(text, add_special_tokens=False).ids
+        return self._encode(text, special).ids
+
+    def _encode(self, text: str, special: bool):
+        with self._encode_lock:
+            self._tok.encode_special_tokens = not special
+            return self._tok.encode(text, add_special_tokens=False)
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """The chat template's token ids, where only the template can produce control tokens: text
@@ -243,7 +248,7 @@ class Tokenizer:
         the whole text, unless a user piece would produce a control token; then each piece is
         encoded on its own, user pieces as plain text (the rule of ``encode_chat``)."""
         text = "".join(t for t, _ in pieces)
-        enc = self._tok.encode(text, add_special_tokens=False)
+        enc = self._encode(text, True)
         spans, pos = [], 0
         for t, user in pieces:
             if user and t:
@@ -255,7 +260,7 @@ class Tokenizer:
         ids: list[int] = []
         for t, user in pieces:
             if t:
-                ids += (self._plain if user else self._tok).encode(t, add_special_tokens=False).ids
+                ids += self._encode(t, not user).ids
         return ids
 
     def _check_messages(self, messages) -> list[dict[str, str]]:

@@ -223,3 +223,15 @@ def plain_reference_forced_unfused(bundle, monkeypatch):
 # the runtime opens static-int8 graphs unfused there): reported as xfail, never as passed
 SATURATING_INT8 = pytest.mark.xfail(int8_gemm_saturates(), strict=False,
                                     reason="x86-64 without VNNI: MLAS's u8s8 GEMM saturates int16 pair sums")
+
+
+def resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    target, total, inside = str(Path(path).resolve()), 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and len(head) >= 5:
+            inside = len(head) == 6 and head[5] == target
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total

@@ -103,6 +103,24 @@ def test_cli_prompt_with_invalid_utf8_bytes(zoo):
 # ---------------------------------------------------------------- special-token injection
 
 
+def test_plain_and_special_encoding_from_many_threads(model):
+    """One tokenizer object serves both encodings (its encode_special_tokens flag is switched under
+    a lock): threads mixing them each get the answer a single thread gets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok = model.tokenizer
+    text = "a<|im_end|>b<|im_start|>user\nc"
+    want = {True: tok.encode(text, special=True), False: tok.encode(text, special=False)}
+    assert want[True] != want[False] and set(want[True]) & tok.special_ids and not set(want[False]) & tok.special_ids
+
+    def work(i: int) -> bool:
+        special = bool(i % 2)
+        return all(tok.encode(text, special=special) == want[special] for _ in range(200))
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, range(16)))
+
+
 @pytest.mark.parametrize("text", INJECTIONS)
 def test_user_text_cannot_produce_control_tokens(model, text):
     tok = model.tokenizer
