@@ -35,6 +35,7 @@ class WeightStore:
         self._offsets: dict[str, int] = {}
         self._aliases: dict[str, str] = {}
         self._alias_shapes: dict[str, tuple[int, ...]] = {}
+        self._alias_starts: dict[str, int] = {}  # byte offset of a row view inside its stored tensor
         self._size = 0
 
     def add(self, name: str, array: np.ndarray) -> str:
@@ -62,6 +63,21 @@ class WeightStore:
             self._alias_shapes[name] = tuple(shape)
         return name
 
+    def alias_rows(self, name: str, of: str, start: int, stop: int, total: int) -> str:
+        """``name`` reads rows [start, stop) of stored weight ``of``, whose bytes are ``total`` equal
+        rows (leading axis, or a flat array of ``total`` equal runs), in ``of``'s own layout: a
+        weight split along its output rows (the CPU plan's head) while its whole stays readable."""
+        a = self._arrays[of]
+        if a.size % total or not 0 <= start < stop <= total:
+            raise ValueError(f"weight view {name!r}: rows [{start}, {stop}) of {total} do not fit {of!r} {a.shape}")
+        if self._aliases.setdefault(name, of) != of or name in self._arrays:
+            raise ValueError(f"weight alias {name!r} already names another tensor")
+        per_row = a.size // total
+        self._alias_shapes[name] = ((stop - start, *a.shape[1:]) if a.ndim > 1 and a.shape[0] == total
+                                    else ((stop - start) * per_row,))
+        self._alias_starts[name] = start * per_row * a.itemsize
+        return name
+
     def get(self, name: str) -> np.ndarray | None:
         return self._arrays.get(name)
 
@@ -71,9 +87,11 @@ class WeightStore:
         t = TensorProto()
         t.name = name
         t.data_type = _ONNX_DTYPE[a.dtype]
-        t.dims.extend(self._alias_shapes.get(name, a.shape))
+        shape = self._alias_shapes.get(name, a.shape)
+        t.dims.extend(shape)
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.file_name), ("offset", str(self._offsets[stored])), ("length", str(a.nbytes))):
+        offset, length = self._offsets[stored] + self._alias_starts.get(name, 0), int(np.prod(shape)) * a.itemsize
+        for k, v in (("location", self.file_name), ("offset", str(offset)), ("length", str(length))):
             e = t.external_data.add()
             e.key, e.value = k, v
         return t
@@ -128,6 +146,13 @@ class GraphBuilder:
     def weight_alias(self, name: str, of: str, shape: tuple[int, ...] | None = None) -> str:
         """``name`` reads the stored bytes of weight ``of`` (see WeightStore.alias)."""
         self.store.alias(name, of, shape)
+        if name not in self._weights:
+            self._weights.append(name)
+        return name
+
+    def weight_rows(self, name: str, of: str, start: int, stop: int, total: int) -> str:
+        """``name`` reads rows [start, stop) of the stored weight ``of`` (see WeightStore.alias_rows)."""
+        self.store.alias_rows(name, of, start, stop, total)
         if name not in self._weights:
             self._weights.append(name)
         return name

@@ -45,6 +45,9 @@ def float_matmul(g: GraphBuilder, x: str, name: str, w: np.ndarray, blocks: Bloc
     return g.op("MatMul", [x, g.weight(PREFIX + name + ".wT", np.ascontiguousarray(w.T))], name=name)
 
 
+HEAD_PART_ROWS = 8192  # rows per MatMulNBits of a split head (lm_head)
+
+
 def nbits_weights(name: str, b: Blocks) -> dict[str, np.ndarray]:
     """MatMulNBits' B, scales and zero points for linear ``name``, under their stored names."""
     return {f"{PREFIX}{name}.q{b.bits}": b.matmulnbits_b(),
@@ -250,9 +253,26 @@ class CpuDecoderGraph:
         return g.build()
 
     def lm_head(self, g: GraphBuilder, x: str) -> str:
-        """The output projection at the scheme's head kind (8-bit blocks for quantized plans)."""
+        """The output projection at the scheme's head kind (8-bit blocks for quantized plans).
+        A block-quantized head of more than HEAD_PART_ROWS rows runs as several MatMulNBits over
+        row views of its one stored copy: onnxruntime holds a weight's mapped original until its
+        packed copy is made, so a whole 49,152-row head raised the load's peak by 27 MiB."""
         head = "model.embed_tokens" if self.cfg.tie_word_embeddings else "lm_head"
-        return self.linear(g, x, "lm_head", [head], kind=self.head)
+        bits = {"int8": 8, "int4": 4}.get(self.head)
+        V = self.cfg.vocab_size
+        blocks = at_width(self.w[head + ".weight"], self.blocks.get(head + ".weight"), bits) if bits else None
+        if blocks is None or blocks.offset is not None or V <= HEAD_PART_ROWS:
+            return self.linear(g, x, "lm_head", [head], kind=self.head)
+        stored = nbits_weights("lm_head", blocks)
+        for key, array in stored.items():
+            self.store.add(key, array)  # whole: the token table reads it too (embed_lookup)
+        parts = []
+        for start in range(0, V, HEAD_PART_ROWS):
+            stop = min(V, start + HEAD_PART_ROWS)
+            views = [g.weight_rows(f"{key}.rows{start}", key, start, stop, V) for key in stored]
+            parts.append(g.op("MatMulNBits", [x] + views, name=f"lm_head/rows{start}", domain=MS, K=blocks.shape[1],
+                              N=stop - start, bits=bits, block_size=blocks.q.shape[2], accuracy_level=ACCURACY_LEVEL))
+        return g.op("Concat", parts, name="lm_head", axis=-1)
 
     def build_embed(self):
         """Token ids [1, n] -> embeddings [1, n, H]."""
