@@ -156,16 +156,22 @@ def clone_options(base: ort.SessionOptions) -> ort.SessionOptions:
     return so
 
 
+def _libc():
+    """The C library through ctypes (OSError where there is none to load)."""
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def trim_heap() -> None:
     """Hand the heap's free pages back to the OS (glibc). onnxruntime's graph optimizations build
     float temporaries while fusing int8 weights at load; freed, they still count as resident
     (1.6 GB -> 0.4 GB after loading the W8A8 SmolLM2 bundle). Elsewhere (musl, macOS) a no-op."""
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        trim = _libc().malloc_trim
     except (OSError, AttributeError):
         return
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
@@ -184,13 +190,11 @@ def drop_mapped_pages(files: list[Path]) -> int:
     them back in from the page cache, so this changes memory, never results. Call it while no
     session runs. Linux only (elsewhere a no-op)."""
     import ctypes
-    import ctypes.util
 
     names = {str(Path(f).resolve()) for f in files}
     try:
         smaps = Path("/proc/self/smaps").read_text().splitlines()
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        madvise = libc.madvise
+        madvise = _libc().madvise
     except (OSError, AttributeError):
         return 0
     madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int

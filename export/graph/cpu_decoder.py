@@ -55,13 +55,18 @@ def nbits_weights(name: str, b: Blocks) -> dict[str, np.ndarray]:
             f"{PREFIX}{name}.zero": b.matmulnbits_zero_points()}
 
 
+def nbits_op(g: GraphBuilder, inputs: list[str], name: str, b: Blocks, k: int, n: int) -> str:
+    """One MatMulNBits node: x, B, scales, zero points of ``b``'s width and block, K = k, N = n."""
+    return g.op("MatMulNBits", inputs, name=name, domain=MS, K=k, N=n, bits=b.bits, block_size=b.q.shape[2],
+                accuracy_level=ACCURACY_LEVEL)
+
+
 def _matmulnbits(g: GraphBuilder, x: str, name: str, b: Blocks, offsets: str = "rows") -> str:
     """MatMulNBits over ``b``; a Q4_1 source's residual offsets (blocks.py) either as extra input
     rows of the same node (``offsets="rows"``: x's block means appended to x) or exact, as a float
     MatMul of the block means added after it (``"float"``)."""
     def node(x: str, b: Blocks, k: int) -> str:
-        return g.op("MatMulNBits", [x] + [g.weight(key, a) for key, a in nbits_weights(name, b).items()], name=name,
-                    domain=MS, K=k, N=b.shape[0], bits=b.bits, block_size=b.q.shape[2], accuracy_level=ACCURACY_LEVEL)
+        return nbits_op(g, [x] + [g.weight(key, a) for key, a in nbits_weights(name, b).items()], name, b, k, b.shape[0])
 
     if b.offset is None:
         return node(x, b, b.shape[1])
@@ -270,8 +275,7 @@ class CpuDecoderGraph:
         for start in range(0, V, HEAD_PART_ROWS):
             stop = min(V, start + HEAD_PART_ROWS)
             views = [g.weight_rows(f"{key}.rows{start}", key, start, stop, V) for key in stored]
-            parts.append(g.op("MatMulNBits", [x] + views, name=f"lm_head/rows{start}", domain=MS, K=blocks.shape[1],
-                              N=stop - start, bits=bits, block_size=blocks.q.shape[2], accuracy_level=ACCURACY_LEVEL))
+            parts.append(nbits_op(g, [x] + views, f"lm_head/rows{start}", blocks, blocks.shape[1], stop - start))
         return g.op("Concat", parts, name="lm_head", axis=-1)
 
     def build_embed(self):
