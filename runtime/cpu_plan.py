@@ -1,10 +1,11 @@
 """The CPU plan at run time: one session of the bundle's ``cpu`` graph for prompt chunks and
 decode steps, its KV cache bound in place.
 
-The cache is one [1, kv_heads, max_context, head_dim] buffer per layer and kind, allocated once per
-generation (``lazy_zeros``: pages become resident as rows are written, so memory follows the
-context actually used). Each buffer is wrapped as an OrtValue without a copy and bound as BOTH the
-past_* input and the present_* output: GroupQueryAttention then appends the new rows in place.
+The cache is one [1, kv_heads, capacity, head_dim] buffer per layer and kind, allocated per
+generation (``lazy_zeros``: pages become resident as rows are written) with a capacity that grows
+with the context used (``CpuCache.grow``). Each buffer is wrapped as an OrtValue without a copy
+and bound as BOTH the past_* input and the present_* output: GroupQueryAttention then appends the
+new rows in place.
 Per call only the small inputs are rebound (embeddings, logits rows, the two lengths).
 """
 
@@ -35,14 +36,23 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.frombuffer(buf, dtype, count=int(np.prod(shape))).reshape(shape)
 
 
-class CpuCache:
-    """keys/values [layers, 1, kv_heads, max_context, head_dim]; rows [0, length) valid. Setting
-    ``length`` lower rolls the cache back (rows beyond it are overwritten by the next call)."""
+CACHE_ROWS = 256  # a new cache's rows (capacity); it grows by doubling up to max_context
 
-    def __init__(self, cfg: DecoderConfig, max_context: int, dtype=np.float32):
-        shape = (cfg.num_layers, 1, cfg.num_kv_heads, max_context, cfg.head_dim)
-        self.keys = lazy_zeros(shape, dtype)
-        self.values = lazy_zeros(shape, dtype)
+
+class CpuCache:
+    """keys/values: one [1, kv_heads, capacity, head_dim] buffer per layer; rows [0, length) valid.
+    Setting ``length`` lower rolls the cache back (rows beyond it are overwritten by the next call).
+
+    The capacity follows the context used (CACHE_ROWS, doubled as needed up to ``max_context``):
+    GroupQueryAttention's work and scratch follow the buffer's capacity, not only the rows used,
+    where it converts an fp16 cache (docs/cpu_plan.md). Growing moves one layer at a time, so it
+    holds at most one layer's rows twice."""
+
+    def __init__(self, cfg: DecoderConfig, max_context: int, dtype=np.float32, rows: int = CACHE_ROWS):
+        self.max_context, self.dtype = max_context, dtype
+        self._shape = (1, cfg.num_kv_heads, min(rows, max_context), cfg.head_dim)
+        self.keys = [lazy_zeros(self._shape, dtype) for _ in range(cfg.num_layers)]
+        self.values = [lazy_zeros(self._shape, dtype) for _ in range(cfg.num_layers)]
         self.length = 0
         self._bound: dict[str, ort.OrtValue] = {}  # key_i / value_i -> the OrtValue wrapping that buffer
         self._io: tuple[ort.InferenceSession, ort.IOBinding] | None = None
@@ -50,7 +60,20 @@ class CpuCache:
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[3]
+        return self._shape[2]
+
+    def grow(self, total: int) -> None:
+        """Make room for ``total`` rows: capacity doubled (at least ``total``, at most max_context),
+        the valid rows copied layer by layer, the bindings made again on the next call."""
+        rows = min(self.max_context, max(total, 2 * self.capacity))
+        self._bound, self._io, self._step = {}, None, None  # drop the OrtValues of the old buffers
+        self._shape = self._shape[:2] + (rows,) + self._shape[3:]
+        n = self.length
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = lazy_zeros(self._shape, self.dtype)
+                new[:, :, :n] = old[:, :, :n]
+                buffers[i] = new  # the old mapping goes with its last reference
 
     def binding(self, session: ort.InferenceSession) -> ort.IOBinding:
         """This cache's IOBinding for ``session``, made once: every layer's buffer wrapped without a
@@ -58,7 +81,7 @@ class CpuCache:
         if self._io is None or self._io[0] is not session:
             io = session.io_binding()
             io.bind_output("logits")  # first: get_outputs() lists outputs in binding order
-            for i in range(self.keys.shape[0]):
+            for i in range(len(self.keys)):
                 for kind, buf in (("key", self.keys[i]), ("value", self.values[i])):
                     v = ort.OrtValue.ortvalue_from_numpy(buf)
                     self._bound[f"{kind}_{i}"] = v
@@ -75,10 +98,13 @@ class CpuCache:
         return self._step
 
     def room_for(self, n: int) -> int:
-        """The token count after adding ``n`` tokens; PromptError when they do not fit."""
+        """The token count after adding ``n`` tokens (the cache grown to hold them); PromptError
+        when they do not fit in max_context."""
         total = self.length + n
+        if total > self.max_context:
+            raise PromptError(f"{total} tokens do not fit in the context of {self.max_context}")
         if total > self.capacity:
-            raise PromptError(f"{total} tokens do not fit in the context of {self.capacity}")
+            self.grow(total)
         return total
 
     def release_step(self) -> None:
@@ -89,8 +115,8 @@ class CpuCache:
 
     def rows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The first ``n`` positions' keys and values [layers, n, kv_heads, head_dim] (a copy)."""
-        return (self.keys[:, 0, :, :n].transpose(0, 2, 1, 3).astype(np.float32),
-                self.values[:, 0, :, :n].transpose(0, 2, 1, 3).astype(np.float32))
+        return tuple(np.stack([b[0, :, :n] for b in buffers]).transpose(0, 2, 1, 3).astype(np.float32)
+                     for buffers in (self.keys, self.values))
 
 
 class DecodeStep:
@@ -124,9 +150,12 @@ class CpuPlan:
                  kv: str = "fp32"):
         self.session, self.cfg, self.max_context, self.chunk = session, cfg, max_context, chunk
         self.kv_dtype = {"fp32": np.float32, "fp16": np.float16}[kv]
+        rows = {i.name: i.shape for i in session.get_inputs()}["past_key_0"][2]
+        # a bundle exported before 2026-12-07 fixes the cache's rows at max_context in its graph
+        self.cache_rows = rows if isinstance(rows, int) else CACHE_ROWS
 
     def new_cache(self) -> CpuCache:
-        return CpuCache(self.cfg, self.max_context, self.kv_dtype)
+        return CpuCache(self.cfg, self.max_context, self.kv_dtype, self.cache_rows)
 
     def run(self, embeds: np.ndarray, cache: CpuCache, rows: np.ndarray) -> np.ndarray:
         """embeds [1, S, H] at position cache.length -> logits [R, V] of ``rows`` (of the S)."""

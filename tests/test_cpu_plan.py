@@ -13,6 +13,7 @@ import pytest
 
 from conftest import run_module
 from edge.config import ExportOptions
+from edge.errors import PromptError
 from edge.export.pipeline import export_model
 from edge.export.quant.accuracy import EVAL_WINDOW
 from edge.export.quant.blocks import Blocks, from_q4_1, from_q8_0, quantize_blocks
@@ -70,12 +71,38 @@ def test_present_is_the_past_buffer(zoo):
     ptrs = {v.data_ptr() for v in io.get_outputs()[1:]}
     assert ptrs == {v.data_ptr() for v in bound.values()}
     # and the numpy arrays saw the rows appear: 9 written, the rest untouched
-    assert np.abs(cache.keys[:, 0, :, :9]).min(axis=(0, 1, 3)).min() > 0
-    assert not cache.keys[:, 0, :, 9:].any() and not cache.values[:, 0, :, 9:].any()
-    before = cache.keys.copy()
+    keys, values = np.stack(cache.keys)[:, 0], np.stack(cache.values)[:, 0]
+    assert np.abs(keys[:, :, :9]).min(axis=(0, 1, 3)).min() > 0
+    assert not keys[:, :, 9:].any() and not values[:, :, 9:].any()
     model.decode_step(5, cache)
-    assert cache.length == 10 and cache.keys[:, 0, :, 9].any()
-    np.testing.assert_array_equal(cache.keys[:, 0, :, :9], before[:, 0, :, :9])  # appended, nothing moved
+    after = np.stack(cache.keys)[:, 0]
+    assert cache.length == 10 and after[:, :, 9].any()
+    np.testing.assert_array_equal(after[:, :, :9], keys[:, :, :9])  # appended, nothing moved
+
+
+def test_cache_grows_with_the_context(zoo):
+    """A cache made small grows (doubling) as calls need rows, rebinds its new buffers and gives the
+    logits of a cache made at full capacity."""
+    model = zoo.model("llama", 16, plan="cpu")
+    ids = ids_of(21, seed=4)
+    full = CpuCache(model.config, model.max_context, rows=model.max_context)
+    small = CpuCache(model.config, model.max_context, rows=4)
+    assert small.capacity == 4 and full.capacity == model.max_context
+    ref = model.prefill(model.embed(ids), full, all_logits=True)
+    got = model.prefill(model.embed(ids[:3]), small, all_logits=True)
+    assert small.capacity == 4
+    got = np.concatenate([got, model.prefill(model.embed(ids[3:11]), small, all_logits=True)])
+    assert small.capacity == 11  # 3 + 8 rows needed: more than twice 4
+    steps = [model.decode_step(t, small) for t in ids[11:]]
+    assert small.capacity == 22  # doubled at row 12
+    np.testing.assert_allclose(np.concatenate([got, np.stack(steps)]), ref, atol=1e-4, rtol=0)
+    # the grown buffers are the ones bound (past and present alike)
+    io = small.binding(model.sessions["cpu"])
+    assert {v.data_ptr() for v in io.get_outputs()[1:]} == {b.ctypes.data for b in small.keys + small.values}
+    for a, b in zip(full.rows(21), small.rows(21)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    with pytest.raises(PromptError, match="do not fit in the context"):
+        small.room_for(model.max_context)
 
 
 def test_odd_prompt_then_decode_and_rollback(zoo):
@@ -277,7 +304,9 @@ def test_fp16_kv_cache(zoo, tmp_path):
                                                          kv_cache="fp16"), QUIET)
     half, full = Model.load(out), zoo.model("llama", 16, plan="cpu")
     cache = half.new_cache()
-    assert cache.keys.dtype == np.float16 and cache.keys.nbytes * 2 == full.new_cache().keys.nbytes * 128 // 256
+    other = full.new_cache()
+    assert cache.capacity == 128 and other.capacity == 256  # min(CACHE_ROWS, max_context)
+    assert cache.keys[0].dtype == np.float16 and cache.keys[0].nbytes * 2 == other.keys[0].nbytes * 128 // 256
     ids = ids_of(30, seed=4)
     a = half.prefill(half.embed(ids), cache, all_logits=True)
     b = full.prefill(full.embed(ids), full.new_cache(), all_logits=True)

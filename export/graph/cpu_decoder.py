@@ -2,7 +2,7 @@
 decode steps in a single onnxruntime session, built from onnxruntime's fused CPU kernels.
 
 - GroupQueryAttention (com.microsoft) with do_rotary and packed q|k|v: RoPE, the cache append and
-  causal attention in one node. The cache is [1, kv_heads, max_context, head_dim] per layer; the
+  causal attention in one node. The cache is [1, kv_heads, capacity, head_dim] per layer; the
   runtime binds ONE buffer as both past_* input and present_* output, and the kernel then appends
   in place (it compares the pointers; two buffers would cost a copy of the whole cache per call).
   ``seqlens_k`` = tokens in the cache after this call - 1, ``total_sequence_length`` = that count.
@@ -202,7 +202,8 @@ class CpuDecoderGraph:
     def build(self):
         cfg, L = self.cfg, self.max_context
         g = GraphBuilder("cpu", self.store)
-        kv, kv_t = [1, cfg.num_kv_heads, L, cfg.head_dim], KV_DTYPES[self.kv]
+        # the cache's capacity is the runtime's (it grows with the context used, up to L)
+        kv, kv_t = [1, cfg.num_kv_heads, "cache_rows", cfg.head_dim], KV_DTYPES[self.kv]
         half = kv_t == F16  # the CPU kernel takes query, cache and cos/sin in one type: cast around it
         h = g.input("inputs_embeds", F32, [1, "tokens", cfg.hidden_size])
         rows = g.input("logits_rows", I64, ["rows"])
