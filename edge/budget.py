@@ -85,18 +85,18 @@ class MemoryEstimate:
 
 
 def estimate(num_layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int,
-             vocab: int, context: int, chunk: int, weights_bytes: int) -> MemoryEstimate:
-    kv = 2 * num_layers * context * kv_heads * head_dim * FLOAT_BYTES
+             vocab: int, context: int, chunk: int, weights_bytes: int, kv_bytes: int = FLOAT_BYTES) -> MemoryEstimate:
+    kv = 2 * num_layers * context * kv_heads * head_dim * kv_bytes
     # one chunk in flight: scores + probabilities over the whole context, q/k/v, the MLP, logits
     act = FLOAT_BYTES * (2 * heads * chunk * context + chunk * (3 * hidden + 3 * intermediate + vocab)
                          + 2 * kv_heads * head_dim * context)
     return MemoryEstimate(int(weights_bytes), int(kv), int(act), int(context))
 
 
-def estimate_for(cfg, context: int, chunk: int, weights_bytes: int) -> MemoryEstimate:
-    """From a DecoderConfig (edge.config)."""
+def estimate_for(cfg, context: int, chunk: int, weights_bytes: int, kv_bytes: int = FLOAT_BYTES) -> MemoryEstimate:
+    """From a DecoderConfig (edge.config). ``kv_bytes``: 2 for a bundle whose only plan keeps an fp16 cache."""
     return estimate(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                    cfg.head_dim, cfg.vocab_size, context, chunk, weights_bytes)
+                    cfg.head_dim, cfg.vocab_size, context, chunk, weights_bytes, kv_bytes)
 
 
 def memory_check_enabled() -> bool:

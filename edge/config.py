@@ -54,6 +54,9 @@ class DecoderConfig:
         return _from_dict(cls, d, where)
 
 
+KV_CACHES = ("auto", "fp32", "fp16")  # ExportOptions.kv_cache
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     """What the user chose at export time (recorded in the manifest)."""
@@ -63,7 +66,15 @@ class ExportOptions:
     # prefill plans to emit (edge.plans): cpu (boards without an accelerator), fused, split (needs fused)
     plans: tuple[str, ...] = ("cpu", "fused", "split")
     vision_weights: str = "fp32"  # multimodal bundles: the vision graph's linears, fp32 or int8 (edge.vision)
-    kv_cache: str = "fp32"  # the CPU plan's KV cache element type: fp32 or fp16 (half the memory)
+    # the CPU plan's KV cache element type: fp32, fp16 (half the memory) or auto: fp16 with quantized
+    # CPU linears (no measurable perplexity change, docs/cpu_plan.md), fp32 for a float bundle
+    kv_cache: str = "auto"
+
+    def cpu_kv(self, linears: str) -> str:
+        """The CPU plan's KV cache type for CPU linears of kind ``linears`` (resolves auto)."""
+        if self.kv_cache != "auto":
+            return self.kv_cache
+        return "fp32" if linears == "fp32" else "fp16"
 
     def __post_init__(self) -> None:
         from edge.vision import VISION_WEIGHTS
@@ -74,8 +85,8 @@ class ExportOptions:
         if unknown or not self.plans or ("split" in self.plans and "fused" not in self.plans):
             raise ValueError(f"plans: a comma-separated choice of cpu, fused, split (split needs fused), "
                              f"got {','.join(self.plans) or 'none'}")
-        if self.kv_cache not in ("fp32", "fp16"):
-            raise ValueError(f"KV cache must be fp32 or fp16, got {self.kv_cache!r}")
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"KV cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
         if self.chunk_length < 1:
             raise ValueError(f"chunk length must be >= 1, got {self.chunk_length}")
         if self.max_context < self.chunk_length:

@@ -11,7 +11,7 @@ from typing import Iterator
 
 from edge.budget import MAX_CONTEXT
 from edge.cli_errors import add_debug_flag, bounded_int, cli_boundary
-from edge.config import ExportOptions
+from edge.config import KV_CACHES, ExportOptions
 from edge.errors import EdgeError
 from edge.progress import Progress
 from edge.vision import VISION_WEIGHTS
@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for boards without an accelerator; --plans cpu alone makes the smallest bundle), fused "
                         "(static-shape chunk graphs, W8A8) and split (fused's per-layer subgraphs for a CPU + "
                         "accelerator pair; needs fused). The runtime picks cpu without an accelerator")
-    p.add_argument("--kv-cache", choices=("fp32", "fp16"), default="fp32",
-                   help="the CPU plan's KV cache: fp32, or fp16 (half the memory; accuracy in docs/cpu_plan.md)")
+    p.add_argument("--kv-cache", choices=KV_CACHES, default="auto",
+                   help="the CPU plan's KV cache: fp32, fp16 (half the memory; accuracy in docs/cpu_plan.md) or "
+                        "auto (default): fp16 with quantized CPU linears, fp32 for a float bundle")
     p.add_argument("--vision-weights", choices=VISION_WEIGHTS, default=None,
                    help="vision-language models: the vision graph's linears, int8 (weights per output channel, run "
                         "by onnxruntime as 8-bit MatMulNBits; default when --quant is w8a8*) or fp32 (default "

@@ -124,11 +124,11 @@ def build_graphs(m: Loaded, options: ExportOptions, quant: QuantOptions, q: Quan
         record: dict[str, Any] = {}
         cpu_plan = None
         if "cpu" in options.plans:  # one fused-kernel graph for prompt and decode, from the float/GGUF weights
-            cpu = CpuDecoderGraph(m.cfg, m.weights, store, options.max_context, quant.cpu, m.source.blocks,
-                                  options.kv_cache)
+            kv = options.cpu_kv(quant.cpu)
+            cpu = CpuDecoderGraph(m.cfg, m.weights, store, options.max_context, quant.cpu, m.source.blocks, kv)
             graphs["cpu"] = (cpu.build(), "cpu.onnx", "cpu")
             graphs["cpu_embed"] = (cpu.build_embed(), "cpu_embed.onnx", "embed")
-            cpu_plan = CpuPlan(linears=quant.cpu, chunk=min(CPU_CHUNK, options.max_context), kv=options.kv_cache)
+            cpu_plan = CpuPlan(linears=quant.cpu, chunk=min(CPU_CHUNK, options.max_context), kv=kv)
             record["cpu"] = cpu.record()
         split_plan = None
         if "fused" in options.plans:
@@ -237,7 +237,9 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
     check_target(out, source_paths(model, loaded.source))  # an alias's file too
     quantized = quantize(loaded, options, quant, calibration, progress, calibrated)
     built = build_graphs(loaded, options, quant, quantized, progress)
-    need = estimate_for(loaded.cfg, options.max_context, options.chunk_length, built.store.nbytes)
+    half = tuple(options.plans) == ("cpu",) and options.cpu_kv(quant.cpu) == "fp16"
+    need = estimate_for(loaded.cfg, options.max_context, options.chunk_length, built.store.nbytes,
+                        kv_bytes=2 if half else 4)
     progress.note(f"running the bundle needs {need.describe()}")
     warning = check_memory(need, f"bundle {out.name}", refuse=False)
     if warning:

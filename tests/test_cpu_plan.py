@@ -85,8 +85,8 @@ def test_cache_grows_with_the_context(zoo):
     logits of a cache made at full capacity."""
     model = zoo.model("llama", 16, plan="cpu")
     ids = ids_of(21, seed=4)
-    full = CpuCache(model.config, model.max_context, rows=model.max_context)
-    small = CpuCache(model.config, model.max_context, rows=4)
+    full = CpuCache(model.config, model.max_context, model.cpu.kv_dtype, rows=model.max_context)
+    small = CpuCache(model.config, model.max_context, model.cpu.kv_dtype, rows=4)
     assert small.capacity == 4 and full.capacity == model.max_context
     ref = model.prefill(model.embed(ids), full, all_logits=True)
     got = model.prefill(model.embed(ids[:3]), small, all_logits=True)
@@ -234,6 +234,9 @@ def test_quantized_cpu_bundle_close_to_float(zoo, cpu_bundles, kind):
     more than trained ones: SmolLM2's figures are in the manifest and test_real_cpu_plan.py)."""
     q, f = Model.load(cpu_bundles[kind]), zoo.model("llama_tied", 16, plan="cpu")
     assert q.plan == "cpu" and q.bundle.manifest.plans.names == ("cpu",)
+    # --kv-cache auto: quantized linears get the fp16 cache, the float reference keeps fp32
+    assert q.bundle.manifest.plans.cpu.kv == "fp16" and f.bundle.manifest.plans.cpu.kv == "fp32"
+    assert q.cpu.kv_dtype == np.float16 and q.new_cache().keys[0].dtype == np.float16
     ids = ids_of(50, seed=2)
     lq = q.prefill(q.embed(ids), q.new_cache(), all_logits=True)
     lf = f.prefill(f.embed(ids), f.new_cache(), all_logits=True)
