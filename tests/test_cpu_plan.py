@@ -249,6 +249,31 @@ def test_quantized_cpu_bundle_close_to_float(zoo, cpu_bundles, kind):
     assert tokens[1] == int(q.prefill(q.embed(prompt + tokens[:1]), q.new_cache()).argmax())
 
 
+def test_split_head_equals_one_head(zoo, cpu_bundles, tmp_path, monkeypatch):
+    """A block-quantized head of more than HEAD_PART_ROWS rows runs as MatMulNBits row parts over
+    views of its one stored copy, joined by a Concat: the same logits as one node (SmolLM2's 49,152
+    rows run as 6 parts of 8,192; here the tiny vocab is cut in parts of 96)."""
+    import onnx
+
+    from edge.export.graph import cpu_decoder
+
+    monkeypatch.setattr(cpu_decoder, "HEAD_PART_ROWS", 96)
+    out = tmp_path / "parts"
+    export_model(zoo.folder("llama_tied"), out, ExportOptions(chunk_length=16, max_context=128, plans=("cpu",)),
+                 QUIET, quant=QuantOptions(cpu="int8"), accuracy=AccuracySpec(enabled=False))
+    parts, whole = Model.load(out), Model.load(cpu_bundles["int8"])
+    V = parts.config.vocab_size
+    assert V > 2 * 96
+    nodes = onnx.load(str(out / "cpu.onnx"), load_external_data=False).graph.node
+    head = [n.op_type for n in nodes if n.name == "lm_head" or n.name.startswith("lm_head/rows")]
+    assert head == ["MatMulNBits"] * -(-V // 96) + ["Concat"], head
+    assert (out / "weights.bin").stat().st_size == (cpu_bundles["int8"] / "weights.bin").stat().st_size
+    ids = ids_of(20, seed=6)
+    a = parts.prefill(parts.embed(ids), parts.new_cache(), all_logits=True)
+    b = whole.prefill(whole.embed(ids), whole.new_cache(), all_logits=True)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
 def test_cpu_bundle_records_plan_and_accuracy(cpu_bundles):
     m = json.loads((cpu_bundles["int8"] / "manifest.json").read_text())
     assert m["plans"]["default"] == "cpu" and m["plans"]["cpu"]["linears"] == "int8"
