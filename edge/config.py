@@ -70,11 +70,11 @@ class ExportOptions:
     # CPU linears (no measurable perplexity change, docs/cpu_plan.md), fp32 for a float bundle
     kv_cache: str = "auto"
 
-    def cpu_kv(self, linears: str) -> str:
-        """The CPU plan's KV cache type for CPU linears of kind ``linears`` (resolves auto)."""
+    def cpu_kv(self, quantized: bool) -> str:
+        """The CPU plan's KV cache type (auto resolved) for quantized or float CPU linears."""
         if self.kv_cache != "auto":
             return self.kv_cache
-        return "fp32" if linears == "fp32" else "fp16"
+        return "fp16" if quantized else "fp32"
 
     def __post_init__(self) -> None:
         from edge.vision import VISION_WEIGHTS

@@ -25,7 +25,7 @@ from edge.export.bundle_writer import write_atomically
 from edge.export.checks import check_tokenizer
 from edge.export.target import check_target, check_writable_parent
 from edge.export.families import Family, family_for
-from edge.export.graph.cpu_decoder import CpuDecoderGraph
+from edge.export.graph.cpu_decoder import CPU_SCHEMES, CpuDecoderGraph
 from edge.export.graph.builder import WeightStore, io_specs
 from edge.export.graph.split import build_split
 from edge.export.graph.vision import build_vision_graph
@@ -124,7 +124,7 @@ def build_graphs(m: Loaded, options: ExportOptions, quant: QuantOptions, q: Quan
         record: dict[str, Any] = {}
         cpu_plan = None
         if "cpu" in options.plans:  # one fused-kernel graph for prompt and decode, from the float/GGUF weights
-            kv = options.cpu_kv(quant.cpu)
+            kv = options.cpu_kv(CPU_SCHEMES[quant.cpu].quantized)
             cpu = CpuDecoderGraph(m.cfg, m.weights, store, options.max_context, quant.cpu, m.source.blocks, kv)
             graphs["cpu"] = (cpu.build(), "cpu.onnx", "cpu")
             graphs["cpu_embed"] = (cpu.build_embed(), "cpu_embed.onnx", "embed")
@@ -237,7 +237,7 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
     check_target(out, source_paths(model, loaded.source))  # an alias's file too
     quantized = quantize(loaded, options, quant, calibration, progress, calibrated)
     built = build_graphs(loaded, options, quant, quantized, progress)
-    half = tuple(options.plans) == ("cpu",) and options.cpu_kv(quant.cpu) == "fp16"
+    half = tuple(options.plans) == ("cpu",) and options.cpu_kv(CPU_SCHEMES[quant.cpu].quantized) == "fp16"
     need = estimate_for(loaded.cfg, options.max_context, options.chunk_length, built.store.nbytes,
                         kv_bytes=2 if half else 4)
     progress.note(f"running the bundle needs {need.describe()}")

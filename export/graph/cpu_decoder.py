@@ -132,6 +132,10 @@ class CpuScheme:
     head: str
     rotate: bool = False  # the residual stream rotated (export/quant/rotation.py)
 
+    @property
+    def quantized(self) -> bool:
+        return {self.norm_fed, self.writers, self.head} != {"fp32"}
+
 
 CPU_SCHEMES: dict[str, CpuScheme] = {
     "fp32": CpuScheme("fp32", "fp32", "fp32"),
