@@ -57,13 +57,15 @@ def test_same_outputs_as_the_host(models, expected):
             assert ids == case["ids"], (name, case["text"])
             logits, want = model.prefill(model.embed(ids), model.new_cache()), np.array(case["logits"])
             m = model.bundle.manifest
-            if (m.plans.cpu.linears if model.plan == "cpu" else m.quantization.get("prefill", "fp32")) == "fp32":
+            float_plan = (m.plans.cpu.linears if model.plan == "cpu" else m.quantization.get("prefill", "fp32")) == "fp32"
+            if float_plan and (model.plan != "cpu" or m.plans.cpu.kv == "fp32"):
                 np.testing.assert_allclose(logits, want, atol=2e-3, rtol=1e-3)
             else:
                 # int8 activations (static, or per block at run time): a value the board's float kernels
                 # put on the other side of a rounding boundary moves a whole step, and a random tiny
                 # model amplifies it (measured: 3 prompts within 1e-6 of the host, one 1.0% off in
-                # norm, same greedy tokens)
+                # norm, same greedy tokens). An fp16 cache: aarch64's GroupQueryAttention computes in
+                # half precision where x86's converts to fp32 (measured 0.02 off, ~1% in norm)
                 assert np.linalg.norm(logits - want) / np.linalg.norm(want) < 2e-2, (name, case["text"])
             greedy = list(model.generate_ids(ids, expected["new_tokens"], stop_ids=[]))
             assert greedy == case["greedy"], (name, case["text"])
