@@ -94,7 +94,7 @@ def estimate(num_layers: int, hidden: int, intermediate: int, heads: int, kv_hea
 
 
 def estimate_for(cfg, context: int, chunk: int, weights_bytes: int, kv_bytes: int = FLOAT_BYTES) -> MemoryEstimate:
-    """From a DecoderConfig (edge.config). ``kv_bytes``: 2 for a bundle whose only plan keeps an fp16 cache."""
+    """From a DecoderConfig (edge.config). ``kv_bytes``: edge.plans.Plans.cache_element_bytes."""
     return estimate(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                     cfg.head_dim, cfg.vocab_size, context, chunk, weights_bytes, kv_bytes)
 

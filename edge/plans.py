@@ -92,6 +92,12 @@ class Plans:
         return ((("cpu",) if self.cpu else ()) + (("fused",) if self.fused else ()) + (("split",) if self.split else ())
                 + tuple(self.extra))
 
+    @property
+    def cache_element_bytes(self) -> int:
+        """Bytes per KV cache element the bundle's plans may use: 2 only for a CPU plan alone with
+        an fp16 cache (the static plans' caches are fp32)."""
+        return 2 if self.names == ("cpu",) and self.cpu.kv == "fp16" else 4
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"default": self.default}
         if self.cpu:

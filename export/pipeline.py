@@ -237,9 +237,8 @@ def export_model(model: str | Path, out: str | Path, options: ExportOptions = Ex
     check_target(out, source_paths(model, loaded.source))  # an alias's file too
     quantized = quantize(loaded, options, quant, calibration, progress, calibrated)
     built = build_graphs(loaded, options, quant, quantized, progress)
-    half = tuple(options.plans) == ("cpu",) and options.cpu_kv(CPU_SCHEMES[quant.cpu].quantized) == "fp16"
     need = estimate_for(loaded.cfg, options.max_context, options.chunk_length, built.store.nbytes,
-                        kv_bytes=2 if half else 4)
+                        built.plans.cache_element_bytes)
     progress.note(f"running the bundle needs {need.describe()}")
     warning = check_memory(need, f"bundle {out.name}", refuse=False)
     if warning:

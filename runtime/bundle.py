@@ -38,10 +38,8 @@ def open_bundle(path: str | Path, verify_hashes: bool = True, memory_check: bool
     for key, spec in manifest.graphs.items():
         check_external_data(path, key, spec, manifest)
     if memory_check:
-        cpu = manifest.plans.cpu
-        half = cpu is not None and cpu.kv == "fp16" and manifest.plans.names == ("cpu",)
         need = estimate_for(manifest.model, manifest.max_context, manifest.chunk_length,
-                            sum(r["size"] for r in manifest.files.values()), kv_bytes=2 if half else 4)
+                            sum(r["size"] for r in manifest.files.values()), manifest.plans.cache_element_bytes)
         note = check_memory(need, f"{path} (max_context {manifest.max_context})", refuse=True)
         if note:
             logging.getLogger("edge").warning(note)  # no handler configured: one plain line on stderr
