@@ -170,7 +170,7 @@ class Completion:
                 return
             stop_ids = () if opts.ignore_eos else None
             gen = model.generate_ids(prompt.ids[start:], opts.max_new_tokens, opts.sampling, stop_ids,
-                                     cache=s.cache, embeds=prompt.embeds_from(model, start))
+                                     cache=s.cache, embeds=prompt.embeds_from(model, start), context_ids=prompt.ids[:start])
             for token in gen:
                 if st.ttft_s is None:
                     st.ttft_s = time.perf_counter() - self._started

@@ -10,6 +10,7 @@ import time
 from edge.budget import max_threads
 from edge.cli_errors import add_debug_flag, bounded_int, check_writable, cli_boundary
 from edge.errors import EdgeError
+from edge.runtime.lookup import add_lookup_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    add_lookup_flag(p)
     p.add_argument("--image", action="append", default=None, metavar="PATH",
                    help="an image for a vision bundle (repeatable); <image> in the prompt marks where each goes, "
                         "else the images come first")
@@ -80,13 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     for flag, path in (("--trace", args.trace), ("--gantt", args.gantt)):
         if path:
             check_writable(path, flag)  # now, not after the generation
+    from edge.runtime.lookup import LookupStats
     from edge.runtime.model import Model
     from edge.runtime.sampling import SamplingParams
 
     try:
         t0 = time.perf_counter()
         model = Model.load(args.bundle, threads=args.threads, verify_hashes=not args.no_verify, plan=args.plan,
-                           accelerator=args.accelerator, lane_threads=args.lane_threads)
+                           accelerator=args.accelerator, lane_threads=args.lane_threads, lookup=args.lookup)
         t_load = time.perf_counter() - t0
         if chat:
             from edge.runtime.interactive import chat_loop
@@ -95,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, seed=args.seed)
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+        lookup = LookupStats()
         t1 = time.perf_counter()  # first-token time includes image preprocessing + the vision encoder
         ids, embeds = model.prepare_prompt(args.prompt, raw=args.raw, images=args.image)
         decoder = model.tokenizer.stream_decoder()
         first = None
         n = 0
-        for token in model.generate_ids(ids, args.max_new_tokens, params, embeds=embeds):
+        for token in model.generate_ids(ids, args.max_new_tokens, params, embeds=embeds, lookup_stats=lookup):
             first = first or time.perf_counter()
             n += 1
             piece = decoder.push(token)
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = f"{model.plan} (int8 unfused: this CPU's int8 GEMM saturates)" if model.int8_unfused else model.plan
         print(f"plan {plan} | load {t_load:.2f}s | prompt {len(ids)} tokens, first token after {ttft * 1e3:.0f} ms "
               f"({len(ids) / ttft:.0f} tok/s) | {n} new tokens, decode {decode_tps:.1f} tok/s", file=sys.stderr)
+        if lookup.calls or (model.lookup and params.greedy):
+            print(lookup.summary(), file=sys.stderr)
     trace = model.split_prefill.last_trace if model.split_prefill is not None else None
     if trace is not None:
         if args.stats:

@@ -16,6 +16,7 @@ from edge.runtime.chunks import ChunkRunner
 from edge.runtime.cpu_plan import CpuCache, CpuPlan
 from edge.runtime.kv_cache import KVCache
 from edge.runtime.lanes import pick_plan
+from edge.runtime.lookup import LOOKUP_MAX, LookupStats, default_lookup, lookup_greedy
 from edge.runtime.sampling import Sampler, SamplingParams
 from edge.runtime.sessions import open_session, qdq_unfused, session_options, unfuse_int8
 from edge.runtime.shared_weights import SharedWeights, clone_options, drop_mapped_pages, trim_heap
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 class Model:
     def __init__(self, bundle: Bundle, threads: int = 0, plan: str | None = None, accelerator: str = "auto",
-                 lane_threads: int = 1, share_weights: bool = True):
+                 lane_threads: int = 1, share_weights: bool = True, lookup: int | None = None):
         """``plan``: "cpu" (one fused-kernel graph for prompt and decode, the KV cache in place),
         "fused" (static-shape chunk graphs) or "split" (fused's per-layer subgraphs on a CPU lane and an
         accelerator lane, out of order); None = picked for the devices present (lanes.pick_plan: split
@@ -36,7 +37,10 @@ class Model:
         ``accelerator``: "auto" | "none" | a name from edge.runtime.lanes.list_devices();
         ``lane_threads``: onnxruntime threads of each CPU-backed lane. ``share_weights``: the embed,
         prefill and decode sessions read one memory map of the weights (runtime/shared_weights.py)
-        instead of a copy each."""
+        instead of a copy each. ``lookup``: draft tokens per call of greedy prompt lookup decoding on
+        the CPU plan (runtime/lookup.py; 0 = one token per call; None = lookup.default_lookup)."""
+        if lookup is not None and (not isinstance(lookup, int) or isinstance(lookup, bool) or not 0 <= lookup <= LOOKUP_MAX):
+            raise ValueError(f"lookup must be an integer in [0, {LOOKUP_MAX}] (draft tokens per call), got {lookup!r}")
         self.bundle = bundle
         m = bundle.manifest
         if plan is not None and plan not in m.plans.names:
@@ -71,6 +75,8 @@ class Model:
         self.chunks = ChunkRunner(self.sessions["prefill"], self.chunk_length) if self.plan == "fused" else None
         self.cpu = CpuPlan(self.sessions["cpu"], self.config, self.max_context, m.plans.cpu.chunk, m.plans.cpu.kv) \
             if self.plan == "cpu" else None
+        # the other plans' decode graphs take one token: a draft would cost a whole prompt chunk
+        self.lookup = (default_lookup(m.plans.cpu.linears) if lookup is None else lookup) if self.cpu is not None else 0
         self.vision = None  # multimodal bundles: the vision encoder (runtime/vision.py)
         if m.vision is not None:
             from edge.runtime.vision import VisionEncoder
@@ -174,10 +180,14 @@ class Model:
 
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 256,
                      sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None,
-                     cache: KVCache | None = None, embeds: np.ndarray | None = None) -> Iterator[int]:
+                     cache: KVCache | None = None, embeds: np.ndarray | None = None,
+                     context_ids: Sequence[int] = (), lookup_stats: LookupStats | None = None) -> Iterator[int]:
         """Yield generated token ids (stop token excluded). Stops at a stop id, the token budget
         or a full context: ``max_new_tokens`` beyond the context is clamped, at most
-        ``max_context - len(prompt_ids) + 1`` tokens come out (the last one is never fed back)."""
+        ``max_context - len(prompt_ids) + 1`` tokens come out (the last one is never fed back).
+        Greedy on the CPU plan decodes by prompt lookup (``self.lookup``; same tokens):
+        ``context_ids``, the tokens ``cache`` already holds, are searched for drafts with the prompt,
+        and ``lookup_stats`` counts what it did."""
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise PromptError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if len(prompt_ids) == 0:
@@ -189,6 +199,10 @@ class Model:
         sample = Sampler(sampling)
         # embeds: the prompt's embeddings when they are not just its tokens' (images merged in)
         logits = self.prefill(self.embed(prompt_ids) if embeds is None else embeds, cache)
+        if self.lookup and sampling.greedy:
+            yield from lookup_greedy(self, logits, cache, [*context_ids, *prompt_ids], max_new_tokens, stop,
+                                     self.lookup, lookup_stats)
+            return
         for i in range(max_new_tokens):
             token = sample(logits)
             if token in stop:

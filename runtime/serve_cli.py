@@ -8,6 +8,7 @@ import sys
 
 from edge.cli_errors import add_debug_flag, cli_boundary
 from edge.errors import EdgeError
+from edge.runtime.lookup import add_lookup_flag
 
 API_KEY_ENV = "EDGE_API_KEY"
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no per-request log lines")
     p.add_argument("--plan", choices=("cpu", "fused", "split"), default=None,
                    help="the prefill plan (default: the one the runtime picks for the devices here)")
+    add_lookup_flag(p)
     add_debug_flag(p)
     return p
 
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-serve: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
     try:
-        model = Model.load(args.bundle, threads=args.threads, verify_hashes=not args.no_verify, plan=args.plan)
+        model = Model.load(args.bundle, threads=args.threads, verify_hashes=not args.no_verify, plan=args.plan,
+                           lookup=args.lookup)
         cfg = ServeConfig(host=args.host, port=args.port, parallel=args.parallel, queue=args.queue, api_key=api_key,
                           max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                           drain_timeout=args.drain_timeout, overflow=args.overflow, model_name=args.model_name,
