@@ -40,6 +40,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from edge.bench.run import PEERS, BenchOptions
+    from edge.runtime.lookup import LOOKUP_MAX
 
     d = BenchOptions()
     p = argparse.ArgumentParser(prog="edge-bench", description=__doc__,
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads of every system (default %(default)s)")
     p.add_argument("--compare", type=_names, default=(), help=f"peers, comma-separated: {','.join(PEERS)}")
     p.add_argument("--plans", type=_names, default=None, help="bundle plans to measure (default: every plan a bundle has)")
+    p.add_argument("--lookup", type=bounded_int(0, LOOKUP_MAX), default=None, metavar="N",
+                   help="CPU plans: also measure greedy prompt lookup decoding with N draft tokens per call, as a row "
+                        "of its own (default: the runtime's choice per bundle, 4 for quantized linears; 0 = no such row)")
     p.add_argument("--accelerator", default=d.accelerator, help="split plans: accelerator lane (auto|none|NAME)")
     p.add_argument("--gguf", help="GGUF file for llama.cpp (default: the bundle's source, when it is a GGUF)")
     p.add_argument("--hf", help="source for optimum's export and ORT-GenAI's builder: HF folder or GGUF "
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     trace_dir = Path(args.plot).parent if args.plot else Path(tempfile.mkdtemp(prefix="edge-bench-traces-"))
     opts = BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=args.repeat,
                         rounds=args.rounds, warmup=args.warmup, threads=args.threads, compare=args.compare,
-                        plans=args.plans, accelerator=args.accelerator, gguf=args.gguf, hf=args.hf,
+                        plans=args.plans, lookup=args.lookup, accelerator=args.accelerator, gguf=args.gguf, hf=args.hf,
                         cache_dir=args.cache_dir, ort_genai_python=args.ort_genai_python, timeout_s=args.timeout,
                         trace_dir=str(trace_dir))
 

@@ -169,6 +169,9 @@ def prepare_ort_genai(spec: dict) -> dict:
             "version": _ort_genai_version(versions)}
 
 
+LOOKUP_NGRAM_SIZE = 3
+
+
 def measure_ort_genai(spec: dict) -> dict:
     """og.Generator on ``spec["model_dir"]``, run by ORT-GenAI's python. The prompt's ids go in with
     ``append_tokens`` and every next token is the argmax of ``get_logits()`` (as for the other
@@ -203,6 +206,9 @@ def measure_ort_genai(spec: dict) -> dict:
     config.overlay(json.dumps(overlay))
     model = og.Model(config)
     params = og.GeneratorParams(model)
+    lookup = int(spec.get("lookup") or 0)
+    if lookup:  # its own n-gram speculative decoding; ngram_size 3 = a 2-token suffix, edge's shortest
+        params.set_speculative_options(ngram_size=LOOKUP_NGRAM_SIZE, max_draft_tokens=lookup)
     load_s = time.perf_counter() - t0
     rss_loaded = rss_mib()
     state: dict[str, Any] = {}
@@ -218,8 +224,16 @@ def measure_ort_genai(spec: dict) -> dict:
             raise RuntimeError(f"ORT-GenAI's generator stopped after {gen.token_count()} tokens")
         return gen.get_logits()
 
+    def generate(logits, n):  # the generator's own greedy loop, which drafts and verifies inside
+        gen, out = state["gen"], []
+        while len(out) < n + 1:
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        state["stats"] = gen.get_speculative_stats()
+        return out
+
     out = time_generation(step, lambda tok: step([tok]), reset, ids, spec["new_tokens"], spec["repeat"],
-                          spec["warmup"])
+                          spec["warmup"], generate if lookup else None)
     search = params.get_search_options()
     out.update(load_s=load_s, rss_after_load_mib=rss_loaded,
                version=_ort_genai_version({"onnxruntime_genai": og.__version__, "onnxruntime": _ort_version()}),
@@ -227,4 +241,9 @@ def measure_ort_genai(spec: dict) -> dict:
                        "max_length": int(search.get("max_length", n_ctx)),
                        "past_present_share_buffer": bool(search.get("past_present_share_buffer")),
                        "eos_token_id": never, "builder_extra_options": list(ORT_GENAI_EXTRA_OPTIONS)})
+    if lookup:
+        st = state.get("stats") or {}
+        out["config"]["lookup"] = {"speculative_options": params.get_speculative_options(),
+                                   **{k: st.get(k) for k in ("rounds", "draft_tokens_proposed", "draft_tokens_accepted",
+                                                            "target_forward_passes")}, "of": "the last run"}
     return out

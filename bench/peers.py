@@ -70,11 +70,61 @@ def measure_llama_cpp(spec: dict) -> dict:
         llm.eval([tok])
         return last_logits()
 
-    out = time_generation(prefill, decode, reset, ids, spec["new_tokens"], spec["repeat"], spec["warmup"])
+    lookup = int(spec.get("lookup") or 0)
+    generate, stats = None, None
+    if lookup:  # edge's own lookup loop (same drafts, same acceptance) over llama.cpp's batched decode
+        from edge.runtime.lookup import LookupStats, lookup_greedy
+
+        stats, target = LookupStats(), LlamaCppLookupTarget(llm, n_ctx)
+
+        def generate(logits, n):
+            return list(lookup_greedy(target, logits, target, ids, n + 1, (), lookup, stats))
+
+    out = time_generation(prefill, decode, reset, ids, spec["new_tokens"], spec["repeat"], spec["warmup"], generate)
     out.update(load_s=load_s, rss_after_load_mib=rss_loaded,
                config={"n_ctx": n_ctx, "n_batch": llm.n_batch, "n_threads": threads, "n_threads_batch": threads},
                version=f"llama-cpp-python {_version('llama-cpp-python')}")
+    if stats is not None:
+        out["config"]["lookup"] = {"draft_tokens": lookup, "calls": stats.calls, "drafted": stats.drafted,
+                                   "kept": stats.kept, "runs": spec["warmup"] + spec["repeat"]}
     return out
+
+
+class LlamaCppLookupTarget:
+    """What ``edge.runtime.lookup.lookup_greedy`` calls, on a llama-cpp-python ``Llama``: it is both
+    the model (``run`` decodes a token and its draft in one llama.cpp batch with logits for every
+    row, ``decode_step`` one token) and the cache (``length`` = the context's tokens; lowering it
+    drops the rows after it before the next batch, as ``Llama.eval`` does)."""
+
+    def __init__(self, llm, n_ctx: int):
+        import numpy as np
+
+        self.llm, self.max_context, self.cpu, self._np = llm, n_ctx, self, np
+
+    @property
+    def length(self) -> int:
+        return self.llm.n_tokens
+
+    @length.setter
+    def length(self, n: int) -> None:
+        self.llm.n_tokens = n
+
+    def embed(self, ids):
+        return list(ids)
+
+    def run(self, tokens, cache, rows):
+        llm, np = self.llm, self._np
+        llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+        llm._batch.set_batch(batch=tokens, n_past=llm.n_tokens, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        llm.input_ids[llm.n_tokens:llm.n_tokens + len(tokens)] = tokens
+        llm.n_tokens += len(tokens)
+        return np.stack([np.ctypeslib.as_array(llm._ctx.get_logits_ith(int(i)), shape=(llm.n_vocab(),)).copy()
+                         for i in rows])
+
+    def decode_step(self, token, cache):
+        self.llm.eval([token])
+        return self._np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
 
 
 # ------------------------------------------------------------------------------------------ optimum

@@ -69,6 +69,7 @@ class BenchOptions:
     cache_dir: str = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-bench")
     ort_genai_python: str | None = None  # an interpreter with onnxruntime-genai (default: its venv in cache_dir)
     timeout_s: float = 900.0
+    lookup: int | None = None  # CPU plans: a second row with prompt lookup decoding (None: the runtime's default)
     trace_dir: str | None = None  # where split plans leave their prefill traces (Chrome JSON)
 
 
@@ -93,7 +94,10 @@ def prompt_ids(tokenizer_json: Path, n_max: int) -> list[int]:
 
 # ------------------------------------------------------------------------------------------ systems
 def edge_systems(bundle: str, opts: BenchOptions) -> tuple[list[System], Any]:
+    """Each plan of the bundle; a CPU plan also with prompt lookup decoding (a row of its own: its
+    speed depends on how much the text repeats itself, the one-token row's does not)."""
     from edge.runtime.bundle import open_bundle
+    from edge.runtime.lookup import default_lookup
 
     b = open_bundle(Path(bundle), verify_hashes=False)
     m = b.manifest
@@ -110,10 +114,16 @@ def edge_systems(bundle: str, opts: BenchOptions) -> tuple[list[System], Any]:
         if plan not in ("cpu", "fused", "split"):
             s.skip = f"plan {plan!r} is recorded in the bundle but this runtime cannot run it"
         systems.append(s)
+        lookup = default_lookup(m.plans.cpu.linears) if opts.lookup is None and plan == "cpu" else opts.lookup
+        if plan == "cpu" and lookup:
+            systems.append(System(f"{s.name} +lookup{lookup}", "edge", s.module, {**s.params, "lookup": lookup},
+                                  s.size_bytes, s.files, s.skip))
     return systems, m
 
 
 def peer_systems(manifest: Any, opts: BenchOptions) -> list[System]:
+    from edge.runtime.lookup import LOOKUP_TOKENS
+
     src = manifest.source if manifest is not None else {}
     src_path = src.get("path") if isinstance(src, dict) else None
     out = []
@@ -128,6 +138,11 @@ def peer_systems(manifest: Any, opts: BenchOptions) -> list[System]:
             else:
                 s.size_bytes, s.files = folder_size(gguf), f"GGUF file {gguf}"
                 s.name = f"llama.cpp {Path(gguf).stem.rsplit('.', 1)[-1]}" if "." in Path(gguf).stem else "llama.cpp"
+            lookup = LOOKUP_TOKENS if opts.lookup is None else opts.lookup
+            if lookup:  # the same prompt lookup decoding on llama.cpp's kernels: its own row
+                out.append(s)
+                s = System(f"{s.name} +lookup{lookup}", peer, PEER_MODULE, {**s.params, "lookup": lookup},
+                           s.size_bytes, s.files, s.skip)
         elif peer == "optimum":
             source = opts.hf or src_path
             s = System("optimum fp32", peer, PEER_MODULE, {"source": source, "cache_dir": opts.cache_dir})
@@ -135,6 +150,7 @@ def peer_systems(manifest: Any, opts: BenchOptions) -> list[System]:
                 s.skip = f"no source model ({source!r}) for optimum's export; pass --hf FOLDER"
         elif peer == "ort-genai":  # two systems: its builder's int8 and int4 models
             source = opts.hf or src_path
+            lookup = LOOKUP_TOKENS if opts.lookup is None else opts.lookup
             for precision in ("int8", "int4"):
                 s = System(f"ort-genai {precision}", peer, PEER_MODULE,
                            {"source": source, "cache_dir": opts.cache_dir, "precision": precision,
@@ -142,6 +158,9 @@ def peer_systems(manifest: Any, opts: BenchOptions) -> list[System]:
                 if not source or not Path(source).exists():
                     s.skip = f"no source model ({source!r}) for ORT-GenAI's model builder; pass --hf FOLDER"
                 out.append(s)
+                if lookup:  # its own n-gram speculative decoding
+                    out.append(System(f"{s.name} +lookup{lookup}", peer, PEER_MODULE, {**s.params, "lookup": lookup},
+                                      skip=s.skip))
             continue
         else:
             raise ValueError(f"unknown peer {peer!r} (known: {', '.join(PEERS)})")
@@ -290,10 +309,23 @@ def measure_edge(spec: dict) -> dict:
         kwargs.update(accelerator=spec.get("accelerator", "auto"), lane_threads=max(1, threads // 2))
     if "plan" not in inspect.signature(Model.__init__).parameters:
         raise Skip(f"this runtime's Model cannot select plan {spec['plan']!r}")
+    lookup = int(spec.get("lookup") or 0)
+    if lookup:
+        if "lookup" not in inspect.signature(Model.__init__).parameters:
+            raise Skip("this runtime has no prompt lookup decoding")
+        kwargs["lookup"] = lookup
     model = Model.load(spec["bundle"], threads=threads, verify_hashes=False, **kwargs)
     load_s = time.perf_counter() - t0
     rss_loaded = rss_mib()
     state: dict[str, Any] = {}
+    generate, stats = None, None
+    if lookup:
+        from edge.runtime.lookup import LookupStats, lookup_greedy
+
+        stats = LookupStats()
+
+        def generate(logits, n):
+            return list(lookup_greedy(model, logits, state["cache"], spec["prompt_ids"], n + 1, (), lookup, stats))
 
     def reset():
         state["cache"] = model.new_cache()
@@ -305,7 +337,7 @@ def measure_edge(spec: dict) -> dict:
         return model.decode_step(tok, state["cache"])
 
     out = time_generation(prefill, decode, reset, spec["prompt_ids"], spec["new_tokens"], spec["repeat"],
-                          spec["warmup"])
+                          spec["warmup"], generate)
     split = getattr(model, "split_prefill", None)
     trace = getattr(split, "last_trace", None)
     if trace is not None and spec.get("trace"):
@@ -315,6 +347,9 @@ def measure_edge(spec: dict) -> dict:
     lanes = getattr(split, "lanes", None)
     out["config"] = {"plan": spec["plan"], "threads": threads, **({"lanes": {k: f"{v.device.provider} x{v.threads}"
                                                                             for k, v in lanes.items()}} if lanes else {})}
+    if stats is not None:  # over warm-up and timed runs
+        out["config"]["lookup"] = {"draft_tokens": lookup, "calls": stats.calls, "drafted": stats.drafted,
+                                   "kept": stats.kept, "runs": spec["warmup"] + spec["repeat"]}
     out.update(load_s=load_s, rss_after_load_mib=rss_loaded, version=f"onnxruntime {ort.__version__}")
     return out
 

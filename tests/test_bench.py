@@ -63,11 +63,16 @@ def test_bench_tiny_bundle(zoo, tmp_path):
     lengths, new = [12, 20], 3  # one chunk, two chunks (the last padded)
     rc = main([str(bundle), "--prompt-tokens", ",".join(map(str, lengths)), "--new-tokens", str(new),
                "--repeat", "2", "--threads", "1", "--json", str(out_json), "--plot", str(out_png),
-               "--compare", "llama.cpp", "--gguf", str(tmp_path / "missing.gguf"), "--quiet"])
+               "--compare", "llama.cpp", "--gguf", str(tmp_path / "missing.gguf"), "--quiet", "--lookup", "4"])
     assert rc == 0
     report = json.loads(out_json.read_text())
     check_report(report, lengths, new)
     by_name = {s["name"]: s for s in report["systems"]}
+    # the CPU plan once more with prompt lookup decoding: its own row, the same greedy tokens (float bundle)
+    cpu, lookup = by_name[f"edge {bundle.name} cpu"], by_name[f"edge {bundle.name} cpu +lookup4"]
+    assert lookup["status"] == "ok" and [r["tokens"] for r in lookup["results"]] == [r["tokens"] for r in cpu["results"]]
+    assert all(r["config"]["lookup"]["draft_tokens"] == 4 for r in lookup["results"])
+    assert "lookup" not in cpu["results"][0]["config"]
 
     fused = by_name[f"edge {bundle.name} fused"]
     assert fused["status"] == "ok" and fused["kind"] == "edge"
@@ -167,14 +172,19 @@ def test_parser_and_systems_for_ort_genai(tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     manifest = SimpleNamespace(source={"kind": "gguf", "path": str(gguf)})
-    systems = peer_systems(manifest, BenchOptions(compare=("ort-genai",), ort_genai_python="/x/python"))
+    systems = peer_systems(manifest, BenchOptions(compare=("ort-genai",), ort_genai_python="/x/python", lookup=0))
     assert [(s.name, s.kind, s.params["precision"]) for s in systems] == [
         ("ort-genai int8", "ort-genai", "int8"), ("ort-genai int4", "ort-genai", "int4")]
     assert all(s.skip is None and s.params["source"] == str(gguf) and s.params["python"] == "/x/python"
                for s in systems)
+    # by default each also with its own n-gram speculative decoding, as edge's CPU plan with lookup
+    systems = peer_systems(manifest, BenchOptions(compare=("ort-genai", "llama.cpp"), gguf=str(gguf)))
+    assert [(s.name, s.params.get("lookup")) for s in systems] == [
+        ("ort-genai int8", None), ("ort-genai int8 +lookup4", 4), ("ort-genai int4", None),
+        ("ort-genai int4 +lookup4", 4), ("llama.cpp", None), ("llama.cpp +lookup4", 4)]
     gone = SimpleNamespace(source={"kind": "hf", "path": str(tmp_path / "gone")})
     systems = peer_systems(gone, BenchOptions(compare=("ort-genai",)))
-    assert len(systems) == 2 and all("ORT-GenAI's model builder" in s.skip for s in systems)
+    assert len(systems) == 4 and all("ORT-GenAI's model builder" in s.skip for s in systems)
     assert all("python" not in s.params for s in systems)  # default: its venv, found when prepared
 
 
@@ -255,3 +265,32 @@ def test_ort_genai_real_smollm2(tmp_path):
     with torch.inference_mode():
         ref = model.generate(torch.tensor([ids]), max_new_tokens=2, do_sample=False)[0, len(ids):].tolist()
     assert res["tokens"][:2] == ref  # int8 weights, dynamic int8 activations: the leading tokens agree
+    # its own n-gram speculative decoding (the "+lookup" row): the generator's loop, its options kept
+    lookup = System("ort-genai int8 +lookup4", "ort-genai", PEER_MODULE, {**system.params, "lookup": 4})
+    res = run_child(lookup, prompt_ids(hf / "tokenizer.json", 64), opts, lambda _msg: None)
+    assert res["status"] == "ok", res
+    assert len(res["tokens"]) == new + 1
+    assert res["config"]["lookup"]["speculative_options"]["max_draft_tokens"] == 4
+
+
+@pytest.mark.real
+def test_llama_cpp_lookup_real_gguf():
+    """llama.cpp with edge's lookup loop (edge-bench's "llama.cpp +lookup" row) on the real GGUF:
+    drafts checked in llama.cpp batches with a logits row each, the rows after a miss dropped; its
+    tokens are the model's argmax at each position, so the first ones equal one token per call."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the bench extra")
+    import llama_cpp
+
+    from edge.bench.peers import measure_llama_cpp
+    from edge.export.sources.gguf_file import smollm2_path
+    from edge.runtime.perplexity import license_text
+
+    gguf = smollm2_path()
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, verbose=False)
+    ids = llm.tokenize(license_text()[:1200].encode(), add_bos=False)[:200]
+    del llm
+    spec = {"gguf": str(gguf), "prompt_ids": ids, "threads": 2, "n_ctx": 512, "new_tokens": 24, "repeat": 1,
+            "warmup": 0}
+    plain, drafted = measure_llama_cpp(spec), measure_llama_cpp({**spec, "lookup": 4})
+    assert len(drafted["tokens"]) == 25 and drafted["config"]["lookup"]["calls"] > 0
+    assert drafted["tokens"][:4] == plain["tokens"][:4]
