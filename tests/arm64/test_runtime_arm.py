@@ -116,6 +116,37 @@ def test_two_threads_one_model(models, expected):
     assert all(v == cases[i]["greedy"] for (k, i), v in got.items()) and len(got) == 2 * len(cases)
 
 
+def test_lookup_calls_on_the_board(expected):
+    """Prompt lookup's verify call (a token and its draft in one call, the cache rolled back after
+    it) against one token per call, on the float llama bundle (fp16 cache): the logits of every row
+    within 2e-2 in norm and the same argmax wherever one token per call has a clear margin. Here
+    GroupQueryAttention computes the fp16 cache in half precision, so calls of 1 and 5 rows round
+    differently (x86 converts to fp32 and gives identical tokens, tests/test_lookup.py); a near-tie
+    may then go the other way, as between the board and the host."""
+    import numpy as np
+
+    from edge.runtime import Model
+
+    model = Model.load(Path(ROOT) / "llama", threads=1, lookup=4)
+    for case in expected["bundles"]["llama@cpu"]:
+        prompt = case["ids"]
+        cache = model.new_cache()
+        steps = [model.prefill(model.embed(prompt), cache)]  # steps[j]: the logits that give token j
+        for _ in range(19):  # one token per call: the reference rows
+            steps.append(model.decode_step(int(np.argmax(steps[-1])), cache))
+        tokens = [int(np.argmax(row)) for row in steps]
+        cache.length = len(prompt)
+        for at in (0, 5, 10):  # calls of 5: a token and a 4-token draft that is the continuation
+            rows, want = model.cpu.run(model.embed(tokens[at:at + 5]), cache, np.arange(5)), np.stack(steps[at + 1:at + 6])
+            assert np.linalg.norm(rows - want) / np.linalg.norm(want) < 2e-2
+            top2 = np.sort(want, axis=-1)[:, -2:]
+            clear = top2[:, 1] - top2[:, 0] > 0.1
+            assert (np.argmax(rows, -1) == np.argmax(want, -1))[clear].all()
+        cache.length = len(prompt) + 7  # rolled back into a call's rows: the next call still agrees
+        rows, want = model.cpu.run(model.embed(tokens[7:9]), cache, np.arange(2)), np.stack(steps[8:10])
+        assert np.linalg.norm(rows - want) / np.linalg.norm(want) < 2e-2
+
+
 def test_no_heavy_imports():
     """What the board runs never pulled in the exporter's or the test suite's heavy packages."""
     assert not {"torch", "transformers", "onnx", "edge.export", "edge.bench"} & set(sys.modules)
