@@ -1,17 +1,18 @@
-"""Prompt lookup decoding: greedy generation on the CPU plan that guesses the next tokens from the
-text so far and checks the guesses in one call.
+"""Prompt lookup decoding: generation on the CPU plan that guesses the next tokens from the text
+so far and checks the guesses in one call.
 
 A decode step reads every weight once for one token; on a memory-bound CPU a call with a few more
 tokens costs little more (SmolLM2-135M int8dyn, 2 threads, 512 tokens cached, 2026-12-07: 1 token
 9.7 ms, 5 tokens 13.6 ms). When the last n tokens (n = MAX_NGRAM down to MIN_NGRAM) occurred
 before, the tokens that followed them there are the draft; one call of [token] + draft gives the
-model's next token after each, and the draft is kept up to its first miss, plus the model's own
-token at the miss. Every token that comes out is the argmax of the model's logits at its position,
-so the output is the model's greedy output (with a dynamically quantized bundle, the draft rows
-share one activation scale per call, as a prompt chunk's rows do). It pays where the output
-repeats its context (code, quoting, summaries, lists) and costs one slightly longer call per miss
-elsewhere. The method of transformers' ``prompt_lookup_num_tokens`` and llama.cpp's lookup example.
-"""
+model's logits after each, and ``Sampler.verify`` keeps the draft up to its first miss, plus the
+model's own token there. Greedy: every token is the argmax of the model's logits at its position,
+so the output is the model's greedy output (with a dynamically quantized bundle the draft rows
+share one activation scale per call, as a prompt chunk's rows do). Sampled: speculative sampling
+with the draft as a point proposal, the distribution of sampling one token at a time. It pays
+where the output repeats its context (code, quoting, summaries, lists) and costs one slightly
+longer call per miss elsewhere. The method of transformers' ``prompt_lookup_num_tokens`` and
+llama.cpp's lookup example."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import numpy as np
 if TYPE_CHECKING:
     from edge.runtime.cpu_plan import CpuCache
     from edge.runtime.model import Model
+    from edge.runtime.sampling import Sampler
 
 LOOKUP_TOKENS = 4   # draft tokens per call (the runtime's default; 0 = off)
 LOOKUP_MAX = 64     # most draft tokens per call a caller may ask for
@@ -41,9 +43,10 @@ def add_lookup_flag(parser) -> None:
     from edge.cli_errors import bounded_int
 
     parser.add_argument("--lookup", type=bounded_int(0, LOOKUP_MAX), default=None, metavar="N",
-                        help="greedy decoding on the CPU plan: draft up to N tokens per call from the text so far and "
-                             "keep those the model agrees with (prompt lookup; 0 = one token per call; default: "
-                             f"{LOOKUP_TOKENS} for quantized linears, 0 for float)")
+                        help="decoding on the CPU plan: draft up to N tokens per call from the text so far and keep "
+                             "those the model agrees with (prompt lookup; 0 = one token per call; default: "
+                             f"{LOOKUP_TOKENS} for greedy decoding with quantized linears, else 0; given, it applies to "
+                             "sampling too)")
 
 
 @dataclass
@@ -86,18 +89,22 @@ class NgramIndex:
         return []
 
 
-def lookup_greedy(model: "Model", logits: np.ndarray, cache: "CpuCache", context: Sequence[int],
+def lookup_decode(model: "Model", logits: np.ndarray, cache: "CpuCache", context: Sequence[int],
                   max_new_tokens: int, stop: Collection[int], draft_tokens: int = LOOKUP_TOKENS,
-                  stats: LookupStats | None = None) -> Iterator[int]:
-    """Greedy tokens after the prompt's last ``logits``, as ``Model.generate_ids`` yields them: the
-    same tokens, the same ``cache.length`` at every yield (the tokens before the one yielded) and
-    at the end, so a chat turn that stops early keeps a consistent cache. ``context``: the token
-    ids the cache holds (the prompt), where drafts are looked up."""
+                  stats: LookupStats | None = None, sampler: "Sampler | None" = None) -> Iterator[int]:
+    """The tokens after the prompt's last ``logits``, as ``Model.generate_ids`` yields them:
+    ``sampler`` picks them (None: greedy) and checks the drafts (``Sampler.verify``). The same
+    ``cache.length`` at every yield as one token per call (the tokens before the one yielded) and
+    at the end, so a chat turn that stops early keeps a consistent cache. ``context``: the token ids
+    the cache holds (the prompt), where drafts are looked up."""
     if max_new_tokens <= 0:
         return
+    from edge.runtime.sampling import Sampler, SamplingParams
+
+    sampler = sampler if sampler is not None else Sampler(SamplingParams())
     index = NgramIndex(context)
     stats = stats if stats is not None else LookupStats()
-    produced, token = 0, int(np.argmax(logits))
+    produced, token = 0, sampler(logits)
     while True:
         if token in stop:
             return
@@ -110,14 +117,11 @@ def lookup_greedy(model: "Model", logits: np.ndarray, cache: "CpuCache", context
         room = min(draft_tokens, max_new_tokens - produced - 1, model.max_context - cache.length - 1)
         draft = index.draft(room)
         if not draft:
-            token = int(np.argmax(model.decode_step(token, cache)))
+            token = sampler(model.decode_step(token, cache))
             continue
         base = cache.length
         rows = model.cpu.run(model.embed([token, *draft]), cache, np.arange(len(draft) + 1))
-        best = np.argmax(rows, axis=-1)
-        kept = 0
-        while kept < len(draft) and best[kept] == draft[kept]:
-            kept += 1
+        kept, after = sampler.verify(rows, draft)
         stats.calls, stats.drafted, stats.kept = stats.calls + 1, stats.drafted + len(draft), stats.kept + kept
         for j in range(kept):
             cache.length = base + 1 + j  # the rows of the tokens before draft[j], as one step at a time
@@ -127,4 +131,11 @@ def lookup_greedy(model: "Model", logits: np.ndarray, cache: "CpuCache", context
             produced += 1
             index.extend([draft[j]])
         cache.length = base + 1 + kept  # the rows after the first miss are overwritten by the next call
-        token = int(best[kept])
+        token = after
+
+
+def lookup_greedy(model: "Model", logits: np.ndarray, cache: "CpuCache", context: Sequence[int],
+                  max_new_tokens: int, stop: Collection[int], draft_tokens: int = LOOKUP_TOKENS,
+                  stats: LookupStats | None = None) -> Iterator[int]:
+    """``lookup_decode`` with greedy picks (what edge-bench times)."""
+    return lookup_decode(model, logits, cache, context, max_new_tokens, stop, draft_tokens, stats)

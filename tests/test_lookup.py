@@ -1,7 +1,8 @@
 """Prompt lookup decoding (runtime/lookup.py): the n-gram drafts, the control flow against the
 one-token-per-call loop on a scripted model (budgets, stop ids, a full context, a consumer that
-stops early: same tokens and the same cache length at every yield), and on real sessions of a tiny
-random float CPU bundle: the same tokens and KV rows as without lookup, in generate and in chat.
+stops early: same tokens and the same cache length at every yield), sampling through it (the
+distribution of one token per call), and on real sessions of a tiny random float CPU bundle: the
+same tokens and KV rows as without lookup, in generate and in chat.
 Tiny random models: structure and parity only; speed figures are edge-bench's (docs/cpu_plan.md)."""
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from edge.export.quant.plan import QuantOptions
 from edge.export.quant.recipe import AccuracySpec
 from edge.progress import Progress
 from edge.runtime import Model
-from edge.runtime.lookup import LOOKUP_TOKENS, LookupStats, NgramIndex, lookup_greedy
+from edge.runtime.lookup import LOOKUP_TOKENS, LookupStats, NgramIndex, lookup_decode, lookup_greedy
+from edge.runtime.sampling import SamplingParams
 
 
 def test_drafts_follow_the_longest_earlier_match():
@@ -138,6 +140,62 @@ def test_a_consumer_that_stops_early_leaves_the_rows_it_saw():
         assert cache.held() == plain[n - 1][1]
 
 
+class SoftScriptedModel(ScriptedModel):
+    """Three tokens whose logits are a fixed random function of (token, position mod 4): sampled
+    continuations, with every token pair in the prompt so drafts come at each step."""
+
+    vocab = 3
+    table = np.random.default_rng(7).normal(size=(3, 4, 3)) * 1.5
+
+    def logits(self, token: int, pos: int) -> np.ndarray:
+        return self.table[token, pos % 4].astype(np.float32)
+
+
+def exact_joint(model, prompt, params, n):
+    """P(t1..tn) of sampling one token at a time: the product of the sampler's distributions."""
+    from edge.runtime.sampling import Sampler
+
+    dist, out = Sampler(params).distribution, {}
+    for seq in np.ndindex(*(model.vocab,) * n):
+        p, last = 1.0, prompt[-1]
+        for i, t in enumerate(seq):
+            p *= dist(model.logits(last, len(prompt) - 1 + i))[t]
+            last = t
+        out[seq] = p
+    return out
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.8, 2)])
+def test_sampled_lookup_has_the_distribution_of_one_token_per_call(temperature, top_k):
+    """Speculative sampling with the draft as a point proposal (Sampler.verify): over 20,000 seeds
+    the first 3 tokens' joint frequencies (27 outcomes) are within 0.04 in total variation of the
+    exact distribution of sampling one at a time, as one token per call's are (expected noise
+    ~0.015; keeping a rejected draft's probability in the resample biases it by more)."""
+    from edge.runtime.sampling import Sampler, SamplingParams
+
+    model = SoftScriptedModel(max_context=64)
+    prompt = [0, 1, 2, 0, 2, 1, 1, 0, 0, 2, 2, 1, 0]
+    exact = exact_joint(model, prompt, SamplingParams(temperature, top_k), 3)
+    stats = LookupStats()
+    counts = {"lookup": {}, "one per call": {}}
+    for seed in range(20_000):
+        params = SamplingParams(temperature, top_k, seed=seed)
+        cache = model.new_cache()
+        seq = tuple(lookup_decode(model, model.prefill(prompt, cache), cache, prompt, 3, (), LOOKUP_TOKENS, stats,
+                                  Sampler(params)))
+        counts["lookup"][seq] = counts["lookup"].get(seq, 0) + 1
+        sample, cache = Sampler(params), model.new_cache()
+        seq, logits = [], model.prefill(prompt, cache)
+        for _ in range(3):
+            seq.append(sample(logits))
+            logits = model.decode_step(seq[-1], cache)
+        counts["one per call"][tuple(seq)] = counts["one per call"].get(tuple(seq), 0) + 1
+    for name, got in counts.items():
+        tv = 0.5 * sum(abs(got.get(k, 0) / 20_000 - p) for k, p in exact.items())
+        assert tv < 0.04, (name, tv)
+    assert stats.kept > 0 and stats.drafted > stats.kept
+
+
 # ---------------------------------------------------------------- real sessions (tiny float CPU bundle)
 
 
@@ -173,6 +231,17 @@ def test_float_bundle_same_tokens_and_rows(float_cpu):
     assert stats.calls > 0 and stats.kept > 0 and stats.drafted > stats.kept
 
 
+def test_sampled_generation_with_lookup(float_cpu):
+    """Sampling through lookup on real sessions: drafts checked, the same seed the same text."""
+    on = Model.load(float_cpu, lookup=LOOKUP_TOKENS)
+    stats = LookupStats()
+    params = SamplingParams(temperature=0.2, top_p=0.9, seed=3)  # near greedy: the tiny model repeats
+    for ids in prompts(8):
+        first = list(on.generate_ids(ids, 60, params, stop_ids=[], lookup_stats=stats))
+        assert list(on.generate_ids(ids, 60, params, stop_ids=[])) == first and len(first) == 60
+    assert stats.calls > 0
+
+
 def test_chat_turns_with_lookup(float_cpu):
     """Two chat turns (the second reuses the first's cache rows): the same answers and reuse."""
     answers = []
@@ -191,6 +260,10 @@ def test_which_bundles_decode_by_lookup(zoo, float_cpu, tmp_path):
     for ids in prompts(8):
         assert len(list(quantized.generate_ids(ids, 40, stop_ids=[], lookup_stats=stats))) == 40
     assert stats.calls > 0
+    sampled = LookupStats()  # by default not for sampled text (fewer drafts kept), unless asked for
+    for ids in prompts(8):
+        list(quantized.generate_ids(ids, 40, SamplingParams(temperature=0.2, seed=1), stop_ids=[], lookup_stats=sampled))
+    assert sampled.calls == 0 and not quantized.lookup_sampled
     assert Model.load(float_cpu).lookup == 0  # float MatMul is compute-bound at 5 rows
     assert Model.load(zoo.bundle("llama", 16), plan="fused", lookup=4).lookup == 0  # one-token decode graph
     with pytest.raises(ValueError, match=r"lookup must be an integer in \[0, 64\]"):

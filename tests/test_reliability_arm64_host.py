@@ -26,4 +26,4 @@ def test_arm_test_file_passes_on_host_bundles(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "EDGE_ARM_BUNDLES": str(tmp_path / "bundles"), "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "6 passed" in r.stdout, r.stdout[-2000:]
+    assert "7 passed" in r.stdout, r.stdout[-2000:]

@@ -69,6 +69,38 @@ def test_sampler_distribution_top_k_top_p():
     assert hot[0] > 0.85
 
 
+def reference_draw(rng, logits, p):
+    """Sampling as written plainly: the whole vocabulary masked by top-k and a full stable sort for
+    top-p, then Generator.choice over all of it."""
+    z = logits.astype(np.float64) / p.temperature
+    if p.top_k and p.top_k < z.size:
+        z = np.where(z < np.partition(z, -p.top_k)[-p.top_k], -np.inf, z)
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if p.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        keep = order[: int(np.searchsorted(np.cumsum(probs[order]), p.top_p)) + 1]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(rng.choice(probs.size, p=probs))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(0.7, 0, 0.95, 0), SamplingParams(1.0, 0, 1.0, 1),
+                                    SamplingParams(0.7, 40, 1.0, 2), SamplingParams(0.5, 50, 0.9, 3),
+                                    SamplingParams(3.0, 0, 0.99, 4)])
+def test_sampler_draws_the_plain_implementations_tokens(params):
+    """The sampler finds the support without sorting the vocabulary, and draws the tokens the plain
+    implementation draws for the same seed: peaked logits (a small nucleus), flat ones (the full
+    sort), integer ones (ties at the top-k and top-p boundaries)."""
+    rng = np.random.default_rng(9)
+    sampler, reference = Sampler(params), np.random.default_rng(params.seed)
+    for scale in (8.0, 0.5, None):
+        for _ in range(60):
+            logits = (rng.integers(-3, 4, 5000) if scale is None else rng.normal(size=5000) * scale).astype(np.float32)
+            assert sampler(logits) == reference_draw(reference, logits, params)
+
+
 # ---------------------------------------------------------------- streaming
 
 
