@@ -26,7 +26,7 @@ from typing import Any
 
 from edge.bench.ort_genai import ORT_GENAI_VERSION, measure_ort_genai, prepare_ort_genai  # noqa: F401
 from edge.bench.peer_common import _need, _source_key, _version, hf_folder  # noqa: F401
-from edge.bench.worker import Skip, folder_size, rss_mib, time_generation, worker_main
+from edge.bench.worker import Skip, folder_size, lookup_config, rss_mib, time_generation, worker_main
 
 
 # ------------------------------------------------------------------------------------------ llama.cpp
@@ -73,25 +73,24 @@ def measure_llama_cpp(spec: dict) -> dict:
     lookup = int(spec.get("lookup") or 0)
     generate, stats = None, None
     if lookup:  # edge's own lookup loop (same drafts, same acceptance) over llama.cpp's batched decode
-        from edge.runtime.lookup import LookupStats, lookup_greedy
+        from edge.runtime.lookup import LookupStats, lookup_decode
 
         stats, target = LookupStats(), LlamaCppLookupTarget(llm, n_ctx)
 
         def generate(logits, n):
-            return list(lookup_greedy(target, logits, target, ids, n + 1, (), lookup, stats))
+            return list(lookup_decode(target, logits, target, ids, n + 1, (), lookup, stats))
 
     out = time_generation(prefill, decode, reset, ids, spec["new_tokens"], spec["repeat"], spec["warmup"], generate)
     out.update(load_s=load_s, rss_after_load_mib=rss_loaded,
                config={"n_ctx": n_ctx, "n_batch": llm.n_batch, "n_threads": threads, "n_threads_batch": threads},
                version=f"llama-cpp-python {_version('llama-cpp-python')}")
     if stats is not None:
-        out["config"]["lookup"] = {"draft_tokens": lookup, "calls": stats.calls, "drafted": stats.drafted,
-                                   "kept": stats.kept, "runs": spec["warmup"] + spec["repeat"]}
+        out["config"]["lookup"] = lookup_config(stats, lookup, spec["warmup"] + spec["repeat"])
     return out
 
 
 class LlamaCppLookupTarget:
-    """What ``edge.runtime.lookup.lookup_greedy`` calls, on a llama-cpp-python ``Llama``: it is both
+    """What ``edge.runtime.lookup.lookup_decode`` calls, on a llama-cpp-python ``Llama``: it is both
     the model (``run`` decodes a token and its draft in one llama.cpp batch with logits for every
     row, ``decode_step`` one token) and the cache (``length`` = the context's tokens; lowering it
     drops the rows after it before the next batch, as ``Llama.eval`` does)."""

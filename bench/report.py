@@ -172,10 +172,10 @@ def plot(report: dict, path: str | Path) -> list[Path]:
               ("peak_rss_mib", "peak resident memory, MiB (lower is better)"))
     cmap = plt.get_cmap("tab10")
     # a "+lookup" row: its system's colour, hatched (same kernels, another decoding loop)
-    bases = list(dict.fromkeys(s["name"].split(" +lookup")[0] for s in measured))
+    base = {s["name"]: s["name"].split(" +lookup")[0] for s in measured}
+    colour = {b: cmap(k % 10) for k, b in enumerate(dict.fromkeys(base.values()))}
     for ax, (metric, title) in zip(axes, panels):
         for i, s in enumerate(measured):
-            base = s["name"].split(" +lookup")[0]
             xs, ys, lo, hi = [], [], [], []
             for j, n in enumerate(lengths):
                 r = next((r for r in s["results"] if r["prompt_tokens"] == n and r["status"] == "ok"), None)
@@ -185,8 +185,8 @@ def plot(report: dict, path: str | Path) -> list[Path]:
                     ys.append(st["median"])
                     lo.append(st["median"] - st["min"])
                     hi.append(st["max"] - st["median"])
-            ax.bar(xs, ys, width * 0.95, yerr=[lo, hi], capsize=2, color=cmap(bases.index(base) % 10), label=s["name"],
-                   hatch="//" if base != s["name"] else None, edgecolor="white")
+            ax.bar(xs, ys, width * 0.95, yerr=[lo, hi], capsize=2, color=colour[base[s["name"]]], label=s["name"],
+                   hatch="//" if base[s["name"]] != s["name"] else None, edgecolor="white")
             for x, y in zip(xs, ys):
                 ax.text(x, y, f"{y:.0f}", ha="center", va="bottom", fontsize=6)
         ax.set_xticks(range(len(lengths)), [f"{n} tok" for n in lengths])

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 import edge
-from edge.bench.worker import SCHEMA, Skip, folder_size, rss_mib, time_generation, worker_main
+from edge.bench.worker import SCHEMA, Skip, folder_size, lookup_config, rss_mib, time_generation, worker_main
 
 PEERS = ("llama.cpp", "optimum", "ort-genai")
 PEER_MODULE = "edge.bench.peers"
@@ -116,14 +116,19 @@ def edge_systems(bundle: str, opts: BenchOptions) -> tuple[list[System], Any]:
         systems.append(s)
         lookup = default_lookup(m.plans.cpu.linears) if opts.lookup is None and plan == "cpu" else opts.lookup
         if plan == "cpu" and lookup:
-            systems.append(System(f"{s.name} +lookup{lookup}", "edge", s.module, {**s.params, "lookup": lookup},
-                                  s.size_bytes, s.files, s.skip))
+            systems.append(lookup_twin(s, lookup))
     return systems, m
+
+
+def lookup_twin(s: System, draft_tokens: int) -> System:
+    """``s`` once more with prompt lookup decoding of ``draft_tokens`` (its own row, nothing measured yet)."""
+    return replace(s, name=f"{s.name} +lookup{draft_tokens}", params={**s.params, "lookup": draft_tokens}, runs={})
 
 
 def peer_systems(manifest: Any, opts: BenchOptions) -> list[System]:
     from edge.runtime.lookup import LOOKUP_TOKENS
 
+    lookup = LOOKUP_TOKENS if opts.lookup is None else opts.lookup  # the peers' own lookup rows
     src = manifest.source if manifest is not None else {}
     src_path = src.get("path") if isinstance(src, dict) else None
     out = []
@@ -138,11 +143,9 @@ def peer_systems(manifest: Any, opts: BenchOptions) -> list[System]:
             else:
                 s.size_bytes, s.files = folder_size(gguf), f"GGUF file {gguf}"
                 s.name = f"llama.cpp {Path(gguf).stem.rsplit('.', 1)[-1]}" if "." in Path(gguf).stem else "llama.cpp"
-            lookup = LOOKUP_TOKENS if opts.lookup is None else opts.lookup
             if lookup:  # the same prompt lookup decoding on llama.cpp's kernels: its own row
                 out.append(s)
-                s = System(f"{s.name} +lookup{lookup}", peer, PEER_MODULE, {**s.params, "lookup": lookup},
-                           s.size_bytes, s.files, s.skip)
+                s = lookup_twin(s, lookup)
         elif peer == "optimum":
             source = opts.hf or src_path
             s = System("optimum fp32", peer, PEER_MODULE, {"source": source, "cache_dir": opts.cache_dir})
@@ -150,7 +153,6 @@ def peer_systems(manifest: Any, opts: BenchOptions) -> list[System]:
                 s.skip = f"no source model ({source!r}) for optimum's export; pass --hf FOLDER"
         elif peer == "ort-genai":  # two systems: its builder's int8 and int4 models
             source = opts.hf or src_path
-            lookup = LOOKUP_TOKENS if opts.lookup is None else opts.lookup
             for precision in ("int8", "int4"):
                 s = System(f"ort-genai {precision}", peer, PEER_MODULE,
                            {"source": source, "cache_dir": opts.cache_dir, "precision": precision,
@@ -159,8 +161,7 @@ def peer_systems(manifest: Any, opts: BenchOptions) -> list[System]:
                     s.skip = f"no source model ({source!r}) for ORT-GenAI's model builder; pass --hf FOLDER"
                 out.append(s)
                 if lookup:  # its own n-gram speculative decoding
-                    out.append(System(f"{s.name} +lookup{lookup}", peer, PEER_MODULE, {**s.params, "lookup": lookup},
-                                      skip=s.skip))
+                    out.append(lookup_twin(s, lookup))
             continue
         else:
             raise ValueError(f"unknown peer {peer!r} (known: {', '.join(PEERS)})")
@@ -320,12 +321,12 @@ def measure_edge(spec: dict) -> dict:
     state: dict[str, Any] = {}
     generate, stats = None, None
     if lookup:
-        from edge.runtime.lookup import LookupStats, lookup_greedy
+        from edge.runtime.lookup import LookupStats, lookup_decode
 
         stats = LookupStats()
 
         def generate(logits, n):
-            return list(lookup_greedy(model, logits, state["cache"], spec["prompt_ids"], n + 1, (), lookup, stats))
+            return list(lookup_decode(model, logits, state["cache"], spec["prompt_ids"], n + 1, (), lookup, stats))
 
     def reset():
         state["cache"] = model.new_cache()
@@ -348,8 +349,7 @@ def measure_edge(spec: dict) -> dict:
     out["config"] = {"plan": spec["plan"], "threads": threads, **({"lanes": {k: f"{v.device.provider} x{v.threads}"
                                                                             for k, v in lanes.items()}} if lanes else {})}
     if stats is not None:  # over warm-up and timed runs
-        out["config"]["lookup"] = {"draft_tokens": lookup, "calls": stats.calls, "drafted": stats.drafted,
-                                   "kept": stats.kept, "runs": spec["warmup"] + spec["repeat"]}
+        out["config"]["lookup"] = lookup_config(stats, lookup, spec["warmup"] + spec["repeat"])
     out.update(load_s=load_s, rss_after_load_mib=rss_loaded, version=f"onnxruntime {ort.__version__}")
     return out
 

@@ -99,6 +99,12 @@ def time_generation(prefill: Callable[[list[int]], Any], decode: Callable[[int],
     }
 
 
+def lookup_config(stats: Any, draft_tokens: int, runs: int) -> dict[str, Any]:
+    """A result's config entry for edge's lookup loop (edge.runtime.lookup.LookupStats), summed over ``runs``."""
+    return {"draft_tokens": draft_tokens, "calls": stats.calls, "drafted": stats.drafted, "kept": stats.kept,
+            "runs": runs}
+
+
 def folder_size(path: str | os.PathLike) -> int:
     """Bytes of a file, or of every file under a folder."""
     if os.path.isfile(path):

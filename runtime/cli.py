@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = f"{model.plan} (int8 unfused: this CPU's int8 GEMM saturates)" if model.int8_unfused else model.plan
         print(f"plan {plan} | load {t_load:.2f}s | prompt {len(ids)} tokens, first token after {ttft * 1e3:.0f} ms "
               f"({len(ids) / ttft:.0f} tok/s) | {n} new tokens, decode {decode_tps:.1f} tok/s", file=sys.stderr)
-        if model.lookup and (params.greedy or model.lookup_sampled):
+        if model.decodes_by_lookup(params):
             print(lookup.summary(), file=sys.stderr)
     trace = model.split_prefill.last_trace if model.split_prefill is not None else None
     if trace is not None:

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Collection, Iterator, Sequence
 
 import numpy as np
 
+from edge.runtime.sampling import Sampler, SamplingParams
+
 if TYPE_CHECKING:
     from edge.runtime.cpu_plan import CpuCache
     from edge.runtime.model import Model
-    from edge.runtime.sampling import Sampler
 
 LOOKUP_TOKENS = 4   # draft tokens per call (the runtime's default; 0 = off)
 LOOKUP_MAX = 64     # most draft tokens per call a caller may ask for
@@ -91,7 +92,7 @@ class NgramIndex:
 
 def lookup_decode(model: "Model", logits: np.ndarray, cache: "CpuCache", context: Sequence[int],
                   max_new_tokens: int, stop: Collection[int], draft_tokens: int = LOOKUP_TOKENS,
-                  stats: LookupStats | None = None, sampler: "Sampler | None" = None) -> Iterator[int]:
+                  stats: LookupStats | None = None, sampler: Sampler | None = None) -> Iterator[int]:
     """The tokens after the prompt's last ``logits``, as ``Model.generate_ids`` yields them:
     ``sampler`` picks them (None: greedy) and checks the drafts (``Sampler.verify``). The same
     ``cache.length`` at every yield as one token per call (the tokens before the one yielded) and
@@ -99,8 +100,6 @@ def lookup_decode(model: "Model", logits: np.ndarray, cache: "CpuCache", context
     the cache holds (the prompt), where drafts are looked up."""
     if max_new_tokens <= 0:
         return
-    from edge.runtime.sampling import Sampler, SamplingParams
-
     sampler = sampler if sampler is not None else Sampler(SamplingParams())
     index = NgramIndex(context)
     stats = stats if stats is not None else LookupStats()
@@ -133,9 +132,3 @@ def lookup_decode(model: "Model", logits: np.ndarray, cache: "CpuCache", context
         cache.length = base + 1 + kept  # the rows after the first miss are overwritten by the next call
         token = after
 
-
-def lookup_greedy(model: "Model", logits: np.ndarray, cache: "CpuCache", context: Sequence[int],
-                  max_new_tokens: int, stop: Collection[int], draft_tokens: int = LOOKUP_TOKENS,
-                  stats: LookupStats | None = None) -> Iterator[int]:
-    """``lookup_decode`` with greedy picks (what edge-bench times)."""
-    return lookup_decode(model, logits, cache, context, max_new_tokens, stop, draft_tokens, stats)

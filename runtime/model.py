@@ -181,6 +181,10 @@ class Model:
 
         return prepare_prompt(self, prompt, images, raw)
 
+    def decodes_by_lookup(self, sampling: SamplingParams) -> bool:
+        """Whether ``generate_ids`` with ``sampling`` decodes by prompt lookup (runtime/lookup.py)."""
+        return bool(self.lookup) and (sampling.greedy or self.lookup_sampled)
+
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 256,
                      sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | None = None,
                      cache: KVCache | None = None, embeds: np.ndarray | None = None,
@@ -203,7 +207,7 @@ class Model:
         sample = Sampler(sampling)
         # embeds: the prompt's embeddings when they are not just its tokens' (images merged in)
         logits = self.prefill(self.embed(prompt_ids) if embeds is None else embeds, cache)
-        if self.lookup and (sampling.greedy or self.lookup_sampled):
+        if self.decodes_by_lookup(sampling):
             yield from lookup_decode(self, logits, cache, [*context_ids, *prompt_ids], max_new_tokens, stop,
                                      self.lookup, lookup_stats, sample)
             return

@@ -82,13 +82,6 @@ class Sampler:
             ids, probs = ids[keep], probs[keep] / probs[keep].sum()
         return ids, probs
 
-    def distribution(self, logits: np.ndarray) -> np.ndarray:
-        """The whole vocabulary's probabilities (zeros off the support). Sampled only."""
-        ids, probs = self.support(logits)
-        out = np.zeros(logits.size)
-        out[ids] = probs
-        return out
-
     def _draw(self, ids: np.ndarray, probs: np.ndarray) -> int:
         cdf = np.cumsum(probs)
         cdf /= cdf[-1]

@@ -17,7 +17,7 @@ from edge.export.quant.plan import QuantOptions
 from edge.export.quant.recipe import AccuracySpec
 from edge.progress import Progress
 from edge.runtime import Model
-from edge.runtime.lookup import LOOKUP_TOKENS, LookupStats, NgramIndex, lookup_decode, lookup_greedy
+from edge.runtime.lookup import LOOKUP_TOKENS, LookupStats, NgramIndex, lookup_decode
 from edge.runtime.sampling import SamplingParams
 
 
@@ -105,7 +105,7 @@ def one_per_call(model, prompt, max_new, stop):
 def with_lookup(model, prompt, max_new, stop, draft, stats):
     cache = model.new_cache()
     logits = model.prefill(prompt, cache)
-    out = [(t, cache.held()) for t in lookup_greedy(model, logits, cache, prompt, max_new, stop, draft, stats)]
+    out = [(t, cache.held()) for t in lookup_decode(model, logits, cache, prompt, max_new, stop, draft, stats)]
     return out, cache.held()
 
 
@@ -133,7 +133,7 @@ def test_a_consumer_that_stops_early_leaves_the_rows_it_saw():
     plain, _ = one_per_call(model, prompt, 40, ())
     for n in range(1, 30):
         cache = model.new_cache()
-        gen = lookup_greedy(model, model.prefill(prompt, cache), cache, prompt, 40, (), LOOKUP_TOKENS)
+        gen = lookup_decode(model, model.prefill(prompt, cache), cache, prompt, 40, (), LOOKUP_TOKENS)
         got = [next(gen) for _ in range(n)]
         gen.close()
         assert got == [t for t, _ in plain[:n]]
@@ -155,11 +155,12 @@ def exact_joint(model, prompt, params, n):
     """P(t1..tn) of sampling one token at a time: the product of the sampler's distributions."""
     from edge.runtime.sampling import Sampler
 
-    dist, out = Sampler(params).distribution, {}
+    sampler, out = Sampler(params), {}
     for seq in np.ndindex(*(model.vocab,) * n):
         p, last = 1.0, prompt[-1]
         for i, t in enumerate(seq):
-            p *= dist(model.logits(last, len(prompt) - 1 + i))[t]
+            ids, probs = sampler.support(model.logits(last, len(prompt) - 1 + i))
+            p *= float(probs[ids == t].sum())  # 0 off the support
             last = t
         out[seq] = p
     return out
