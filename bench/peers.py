@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge.bench.ort_genai import ORT_GENAI_VERSION, measure_ort_genai, prepare_ort_genai  # noqa: F401
 from edge.bench.peer_common import _need, _source_key, _version, hf_folder  # noqa: F401
 from edge.bench.worker import Skip, folder_size, lookup_config, rss_mib, time_generation, worker_main
@@ -39,9 +41,13 @@ def prepare_llama_cpp(spec: dict) -> dict:
             "version": f"llama-cpp-python {_version('llama-cpp-python')}"}
 
 
-def measure_llama_cpp(spec: dict) -> dict:
-    import numpy as np
+def logits_row(llm, n_vocab: int, row: int = -1):
+    """Row ``row`` of the logits of llama.cpp's last batch, as a view (eval() keeps no logits
+    unless logits_all: read from the context)."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(row), shape=(n_vocab,))
 
+
+def measure_llama_cpp(spec: dict) -> dict:
     llama_cpp = _need("llama_cpp", "llama-cpp-python")
     ids = spec["prompt_ids"]
     threads = int(spec["threads"])
@@ -59,23 +65,20 @@ def measure_llama_cpp(spec: dict) -> dict:
 
     n_vocab = llm.n_vocab()
 
-    def last_logits():  # eval() keeps no logits unless logits_all: read the last row from the context
-        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
-
     def prefill(tokens):
         llm.eval(tokens)
-        return last_logits()
+        return logits_row(llm, n_vocab)
 
     def decode(tok):
         llm.eval([tok])
-        return last_logits()
+        return logits_row(llm, n_vocab)
 
     lookup = int(spec.get("lookup") or 0)
     generate, stats = None, None
     if lookup:  # edge's own lookup loop (same drafts, same acceptance) over llama.cpp's batched decode
         from edge.runtime.lookup import LookupStats, lookup_decode
 
-        stats, target = LookupStats(), LlamaCppLookupTarget(llm, n_ctx)
+        stats, target = LookupStats(), LlamaCppLookupTarget(llm, n_ctx, decode)
 
         def generate(logits, n):
             return list(lookup_decode(target, logits, target, ids, n + 1, (), lookup, stats))
@@ -92,13 +95,13 @@ def measure_llama_cpp(spec: dict) -> dict:
 class LlamaCppLookupTarget:
     """What ``edge.runtime.lookup.lookup_decode`` calls, on a llama-cpp-python ``Llama``: it is both
     the model (``run`` decodes a token and its draft in one llama.cpp batch with logits for every
-    row, ``decode_step`` one token) and the cache (``length`` = the context's tokens; lowering it
-    drops the rows after it before the next batch, as ``Llama.eval`` does)."""
+    row, ``decode_step`` one token: the one-token row's ``decode``) and the cache (``length`` = the
+    context's tokens; lowering it drops the rows after it before the next batch, as ``Llama.eval``
+    does)."""
 
-    def __init__(self, llm, n_ctx: int):
-        import numpy as np
-
-        self.llm, self.max_context, self.cpu, self._np = llm, n_ctx, self, np
+    def __init__(self, llm, n_ctx: int, decode):
+        self.llm, self.max_context, self.cpu, self._decode = llm, n_ctx, self, decode
+        self.n_vocab = llm.n_vocab()
 
     @property
     def length(self) -> int:
@@ -112,18 +115,16 @@ class LlamaCppLookupTarget:
         return list(ids)
 
     def run(self, tokens, cache, rows):
-        llm, np = self.llm, self._np
+        llm = self.llm
         llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
         llm._batch.set_batch(batch=tokens, n_past=llm.n_tokens, logits_all=True)
         llm._ctx.decode(llm._batch)
         llm.input_ids[llm.n_tokens:llm.n_tokens + len(tokens)] = tokens
         llm.n_tokens += len(tokens)
-        return np.stack([np.ctypeslib.as_array(llm._ctx.get_logits_ith(int(i)), shape=(llm.n_vocab(),)).copy()
-                         for i in rows])
+        return np.stack([logits_row(llm, self.n_vocab, int(i)) for i in rows])  # np.stack copies
 
     def decode_step(self, token, cache):
-        self.llm.eval([token])
-        return self._np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
+        return self._decode(token)
 
 
 # ------------------------------------------------------------------------------------------ optimum
